@@ -1,0 +1,249 @@
+"""``sharpflow <stage>``: the command-line entry points that Snakemake rules call.
+
+Every stage takes its own config section as JSON (``model_dump(mode="json")`` of the pydantic
+model, validated again here) and explicit input/output paths. Problems the user can act on
+(a bad config, a missing or corrupt file, a dataset that cannot be fetched) print one line
+naming the problem and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .config import (
+    ConfigError,
+    DatasetConfig,
+    ProjectConfig,
+    RunConfig,
+    SpectrumConfig,
+    _format_errors,
+    expand_runs,
+    json_schema,
+    load_config,
+)
+from .io import SharpflowError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _model_arg(model: type[M], flag: str) -> Callable[[str], M]:
+    """argparse type: JSON text (or @file) validated as ``model``."""
+
+    def parse(text: str) -> M:
+        try:
+            raw = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+        except (OSError, json.JSONDecodeError) as err:
+            raise argparse.ArgumentTypeError(f"{flag}: not valid JSON ({err})") from None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as err:
+            raise argparse.ArgumentTypeError(f"{flag}: {_format_errors(err)}") from None
+
+    parse.__name__ = model.__name__
+    return parse
+
+
+def _setup_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from .data import prepare
+
+    meta = prepare(a.dataset, a.out, progress=not a.no_progress, log=_log)
+    _log(f"prepared {meta.get('source')} into {a.out}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .devices import choose_device
+    from .train import train
+
+    _setup_threads(a.threads or a.run.threads)
+    device = choose_device(a.run.device, log=_log)
+    train(a.run, a.dataset, run_name=a.run_name, data_dir=a.data, out_dir=a.out, device=device,
+          progress=not a.no_progress, log=_log)
+
+
+def cmd_spectrum(a: argparse.Namespace) -> None:
+    from .devices import choose_device
+    from .stages import spectrum_stage
+
+    _setup_threads(a.threads)
+    device = choose_device(a.device, log=_log)
+    spectrum_stage(a.spectrum, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint,
+                   previous=a.previous, out_table=a.out_table, out_eigvecs=a.out_eigvecs, device=device,
+                   progress=not a.no_progress, log=_log)
+
+
+def cmd_project(a: argparse.Namespace) -> None:
+    from .devices import choose_device
+    from .stages import project_stage
+
+    _setup_threads(a.threads)
+    device = choose_device(a.device, log=_log)
+    project_stage(a.project, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint,
+                  eigvecs=a.eigvecs, out_dir=a.out_dir, device=device, log=_log)
+
+
+def cmd_aggregate(a: argparse.Namespace) -> None:
+    from .stages import aggregate
+
+    aggregate(a.inputs, a.out)
+
+
+def cmd_figure(a: argparse.Namespace) -> None:
+    from .figures import draw
+
+    draw(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_pdf=a.out_pdf, out_png=a.out_png)
+
+
+def cmd_table(a: argparse.Namespace) -> None:
+    from .tables import make_table
+
+    make_table(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_md=a.out_md, out_tex=a.out_tex,
+               out_csv=a.out_csv)
+
+
+def cmd_check(a: argparse.Namespace) -> None:
+    from .config import checkpoint_steps
+
+    cfg = load_config(a.configfile)
+    runs = expand_runs(cfg)
+    for name, run in runs.items():
+        ck = checkpoint_steps(run, cfg.datasets[run.dataset])
+        print(f"{name}\t{run.model.name}\tlr={run.optimizer.lr}\tbs={run.optimizer.batch_size}"
+              f"\t{len(ck)} checkpoints (last step {ck[-1]})")
+    print(f"{a.configfile}: valid, {len(runs)} runs")
+
+
+def cmd_schema(a: argparse.Namespace) -> None:
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if a.out:
+        from .io import write_text
+
+        write_text(a.out, text)
+    else:
+        sys.stdout.write(text)
+
+
+# -------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sharpflow",
+        description="Stages of the sharpflow pipeline (normally run by Snakemake; see README.md).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, *, run: bool = True) -> None:
+        if run:
+            sp.add_argument("--run", required=True, type=_model_arg(RunConfig, "--run"),
+                            help="the run's config as JSON (or @file)")
+            sp.add_argument("--run-name", required=True, help="the run id")
+            sp.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sp = sub.add_parser("prepare", help="make results/data/{dataset}/ (arrays, Hessian subset, meta.json)")
+    sp.add_argument("--dataset", required=True, type=_model_arg(DatasetConfig, "--dataset"))
+    sp.add_argument("--out", required=True, type=Path)
+    common(sp, run=False)
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("train", help="train one run, dumping checkpoints and metrics.parquet")
+    common(sp)
+    sp.add_argument("--dataset", required=True, type=_model_arg(DatasetConfig, "--dataset"))
+    sp.add_argument("--out", required=True, type=Path, help="the run's directory")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("spectrum", help="top-k Hessian eigenpairs (certified) of one checkpoint")
+    common(sp)
+    sp.add_argument("--spectrum", required=True, type=_model_arg(SpectrumConfig, "--spectrum"))
+    sp.add_argument("--checkpoint", required=True, type=Path)
+    sp.add_argument("--previous", type=Path, default=None,
+                    help="eigenvectors of an earlier checkpoint to warm-start from (used if present)")
+    sp.add_argument("--out-table", required=True, type=Path)
+    sp.add_argument("--out-eigvecs", required=True, type=Path)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_spectrum)
+
+    sp = sub.add_parser("project", help="projected-gradient analyses of one checkpoint")
+    common(sp)
+    sp.add_argument("--project", required=True, type=_model_arg(ProjectConfig, "--project"))
+    sp.add_argument("--checkpoint", required=True, type=Path)
+    sp.add_argument("--eigvecs", required=True, type=Path)
+    sp.add_argument("--out-dir", required=True, type=Path)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_project)
+
+    sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file")
+    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("inputs", nargs="+", type=Path)
+    sp.set_defaults(func=cmd_aggregate)
+
+    sp = sub.add_parser("figure", help="draw one figure (PDF + PNG)")
+    sp.add_argument("name")
+    sp.add_argument("--spec", required=True, help="figure spec as JSON (studies, runs, style)")
+    sp.add_argument("--out-pdf", required=True, type=Path)
+    sp.add_argument("--out-png", required=True, type=Path)
+    sp.add_argument("inputs", nargs="*", type=Path)
+    sp.set_defaults(func=cmd_figure)
+
+    sp = sub.add_parser("table", help="make one table (Markdown + LaTeX + CSV)")
+    sp.add_argument("name")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--out-md", required=True, type=Path)
+    sp.add_argument("--out-tex", required=True, type=Path)
+    sp.add_argument("--out-csv", required=True, type=Path)
+    sp.add_argument("inputs", nargs="*", type=Path)
+    sp.set_defaults(func=cmd_table)
+
+    sp = sub.add_parser("check", help="validate a config file and list its runs")
+    sp.add_argument("configfile", type=Path)
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("schema", help="print the config's JSON schema")
+    sp.add_argument("--out", type=Path, default=None)
+    sp.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known: tuple[type[BaseException], ...] = (SharpflowError, ConfigError)
+    try:
+        from .data import DataError
+
+        known = (*known, DataError)
+    except ImportError:
+        pass
+    try:
+        args.func(args)
+    except known as err:
+        print(f"sharpflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sharpflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

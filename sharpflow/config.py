@@ -1,0 +1,506 @@
+"""The configuration: pydantic models that are the single source of truth for every option.
+
+A config file (YAML) has five parts:
+
+- ``datasets``: named datasets (what ``prepare`` makes under ``results/data/{name}/``);
+- ``defaults``: run fields shared by every study (a partial :class:`RunConfig`);
+- ``studies``: named groups of runs, each a ``base`` (partial run) and a ``sweep``, a grid over
+  any run field given by its dotted path (``optimizer.lr: [0.02, 0.05]``). Every grid point is
+  one run with a stable, human-readable id (:func:`run_id`);
+- ``spectrum`` / ``project``: the per-checkpoint analysis settings (a study may override them);
+- ``figures`` / ``tables``: which studies each figure or table shows, and its style.
+
+This module imports no torch, so the Snakefile can load it quickly.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+#: Bumped when a stage's results change meaning; part of that stage's Snakemake params, so a
+#: refactor reruns nothing while a change of meaning reruns exactly that stage and what follows.
+FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 1, "project": 1}
+
+#: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).
+MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm")
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,200}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the field path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+Name = Annotated[str, Field(pattern=NAME_RE.pattern)]
+
+
+# ----------------------------------------------------------------------------------------- data
+class DatasetConfig(Strict):
+    """One dataset, prepared once into ``results/data/{name}/``."""
+
+    source: Literal["mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb"]
+    seed: int = Field(0, description="Seed of the train/valid split and of the Hessian subset.")
+    hessian_subset: PositiveInt = Field(
+        2560, description="N, the fixed training examples over which Hessians are averaged."
+    )
+    valid_size: NonNegativeInt | None = Field(
+        None, description="Validation examples split off the training set (None: the source's default)."
+    )
+    max_train: PositiveInt | None = Field(None, description="Keep only the first n training examples.")
+    cache_dir: str | None = Field(
+        None, description="Download cache (default: $SHARPFLOW_DATA or ~/.cache/sharpflow)."
+    )
+    download: bool = Field(True, description="Allow downloads (torchvision datasets, PTB from a URL).")
+    # MNIST-1D
+    mnist1d_samples: PositiveInt = Field(5000, description="MNIST-1D: examples generated (80 % train).")
+    # PTB
+    ptb_location: str | None = Field(
+        None, description="PTB: directory or URL prefix holding ptb.{train,valid,test}.txt."
+    )
+    ptb_sha256: dict[Literal["train", "valid", "test"], str] | None = Field(
+        None, description="PTB: expected SHA-256 of each split file (verified when given)."
+    )
+    ptb_train_tokens: PositiveInt = Field(
+        929589, description="PTB: tokens in ptb.train.txt incl. <eos> (the standard file has 929,589)."
+    )
+    bptt: PositiveInt = Field(20, description="PTB: unrolled steps; one example is bptt+1 tokens.")
+    vocab_size: PositiveInt = Field(10000, description="PTB: vocabulary size.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        if self.source == "ptb" and self.ptb_location is None:
+            raise ValueError("ptb_location is required for source 'ptb' (a directory or URL prefix)")
+        return self
+
+    def default_valid_size(self) -> int:
+        if self.valid_size is not None:
+            return self.valid_size
+        return {"mnist1d": 400, "cifar10": 5000, "cifar100": 5000, "mnist": 10000,
+                "fashion_mnist": 10000, "ptb": 0}[self.source]
+
+    def train_size(self) -> int:
+        """Training examples after the split, known before anything is prepared.
+
+        The Snakefile needs it to lay out every checkpoint step up front; ``prepare`` checks
+        that the real data has exactly this many and fails, naming both numbers, if not.
+        """
+        full = {
+            "mnist1d": int(self.mnist1d_samples * 0.8),
+            "cifar10": 50000,
+            "cifar100": 50000,
+            "mnist": 60000,
+            "fashion_mnist": 60000,
+            "ptb": (self.ptb_train_tokens - 1) // self.bptt,
+        }[self.source]
+        n = full - self.default_valid_size()
+        if n <= 0:
+            raise ValueError(f"valid_size {self.default_valid_size()} leaves no training examples of {full}")
+        return min(n, self.max_train) if self.max_train else n
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    name: str = Field(description="A built-in model or 'package.module:Class' for your own nn.Module.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.name not in MODEL_NAMES and not re.fullmatch(r"[\w.]+:\w+", self.name):
+            raise ValueError(
+                f"unknown model {self.name!r}: use one of {', '.join(MODEL_NAMES)} or 'module:Class'"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------ optimiser
+class ScheduleConfig(Strict):
+    """Learning-rate schedule. ``plateau`` with early stopping is the paper's long NSGD protocol."""
+
+    kind: Literal["constant", "step", "plateau"] = "constant"
+    milestones: list[PositiveFloat] = Field(default_factory=list, description="step: epochs where lr *= factor.")
+    factor: float = Field(0.1, gt=0, le=1, description="Multiplier at a milestone or a plateau.")
+    patience: PositiveInt = Field(100, description="plateau: epochs without val-loss improvement.")
+    early_stop: PositiveInt | None = Field(
+        None, description="Stop after this many epochs without val-accuracy improvement (None: never)."
+    )
+
+
+class NSGDConfig(Strict):
+    """Nudged-SGD: learning rate gamma*lr along the top-k Hessian directions."""
+
+    gamma: NonNegativeFloat = 1.0
+    k: PositiveInt = 10
+    variant: Literal["correct_v", "correct_g", "correct_both"] = "correct_v"
+    subspace: Literal["top", "random"] = Field("top", description="'random': the random-subspace control.")
+    refresh_every_steps: PositiveInt | None = Field(None, description="None: refresh once per epoch.")
+    tol: PositiveFloat = Field(1e-3, description="Relative residual of the refreshed eigenpairs.")
+    hessian_examples: PositiveInt | None = Field(None, description="None: the dataset's hessian_subset.")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "nsgd"] = "sgd"
+    lr: PositiveFloat = Field(0.01, description="Learning rate η.")
+    batch_size: PositiveInt | Literal["full"] = Field(128, description="S, or 'full' for full-batch GD.")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = Field(None, description="Clip the gradient norm (PTB: 5).")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    nsgd: NSGDConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerConfig:
+        if self.name == "nsgd" and self.nsgd is None:
+            self.nsgd = NSGDConfig()
+        if self.name == "sgd" and self.nsgd is not None:
+            raise ValueError("'nsgd' settings given but optimizer.name is 'sgd'")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ run
+class CheckpointConfig(Strict):
+    """Where checkpoints are dumped: dense early ("zoom"), then every few epochs, optionally log-spaced."""
+
+    zoom_every: NonNegativeInt = Field(0, description="Steps between zoom checkpoints (0: no zoom).")
+    zoom_until: NonNegativeFloat = Field(1.0, description="Epoch at which the zoom phase ends.")
+    every_epochs: PositiveFloat | None = Field(1.0, description="Epochs between regular checkpoints.")
+    log_points: NonNegativeInt = Field(0, description="Extra log-spaced checkpoints over the whole run.")
+    max_checkpoints: PositiveInt = Field(2000, description="Refuse schedules longer than this.")
+
+
+class EvalConfig(Strict):
+    batch_size: PositiveInt = Field(2000, description="Examples per forward pass when evaluating.")
+    max_examples: PositiveInt | None = Field(
+        None, description="Evaluate train/valid/test on at most this many examples each (None: all)."
+    )
+
+
+class RunConfig(Strict):
+    """Everything that defines one training run (and so its checkpoints)."""
+
+    dataset: Name
+    model: ModelConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    epochs: PositiveFloat | None = None
+    steps: PositiveInt | None = None
+    seed: int = 0
+    augment: bool = Field(False, description="Random 4-px shifts + horizontal flips (images only).")
+    train_subset: PositiveInt | None = Field(None, description="Train on the first n examples only.")
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: PositiveInt | None = Field(None, description="torch CPU threads (None: Snakemake's threads).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of 'epochs' and 'steps'")
+        return self
+
+
+# ------------------------------------------------------------------------------------- analyses
+class SpectrumConfig(Strict):
+    """Top-k Hessian eigenpairs at every checkpoint."""
+
+    k: PositiveInt = 10
+    n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
+    tol: PositiveFloat = Field(1e-3, description="Relative residual ‖Hv−λv‖/|λ| every pair must reach.")
+    which: Literal["LA", "LM"] = Field("LA", description="Largest algebraic or largest magnitude.")
+    backend: Literal["lanczos", "arpack"] = "lanczos"
+    max_matvecs: PositiveInt | None = None
+    warm_chain: NonNegativeInt = Field(
+        8,
+        description="Warm-start each checkpoint from the previous one's eigenvectors, in chains of this "
+        "many checkpoints (chains run in parallel; 0: always cold).",
+    )
+    frobenius_probes: NonNegativeInt = Field(0, description="Gaussian probes for ‖H‖_F (0: skip).")
+    trace_probes: NonNegativeInt = Field(0, description="Hutch++ probes for tr(H) (0: skip).")
+    eigvec_dtype: Literal["float32", "float16"] = "float32"
+    chunk_size: PositiveInt | None = Field(None, description="Examples per HVP chunk (bounds memory).")
+    eval_mode: bool = Field(True, description="Hessian of the inference-mode model (BN/dropout off).")
+
+
+class ProjectConfig(Strict):
+    """The projected-gradient analyses of each checkpoint (paper-notes, 'Analyses')."""
+
+    enabled: bool = True
+    k: PositiveInt = Field(5, description="Top directions analysed (≤ spectrum.k).")
+    alignment_batches: PositiveInt = Field(50, description="B mini-batches for the alignment.")
+    random_directions: PositiveInt = Field(5, description="Random unit vectors for the baselines.")
+    grad_batches: PositiveInt = Field(10, description="M mini-batch gradients for steps and sections.")
+    subset: PositiveInt = Field(1000, description="Examples of the fixed loss-evaluation subset.")
+    cross_directions: list[PositiveInt] = Field(default_factory=lambda: [1, 3, 5])
+    cross_ks: list[float] = Field(
+        default_factory=lambda: [0, 0.25, -0.25, 0.5, -0.5, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16]
+    )
+    width_thresholds: list[PositiveFloat] = Field(default_factory=lambda: [1.01, 1.1, 1.5, 2.0])
+    multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.25, 0.33, 0.5, 1, 2, 3, 4])
+    seed: int = 0
+
+
+class StudyConfig(Strict):
+    """A named group of runs: ``base`` merged over ``defaults``, expanded over ``sweep``."""
+
+    base: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    analyse: bool = Field(True, description="Run spectrum/project on this study's checkpoints.")
+    spectrum: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level spectrum.")
+    project: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level project.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        for key, values in self.sweep.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+                raise ValueError(f"sweep key {key!r} is not a dotted field path")
+            if not values:
+                raise ValueError(f"sweep {key!r} has no values")
+        return self
+
+
+class StageResources(Strict):
+    threads: PositiveInt = 1
+    mem_mb: PositiveInt = 2000
+    runtime: PositiveInt = Field(60, description="Minutes (used by SLURM).")
+    gpu: NonNegativeInt = Field(1, description="GPUs the job asks for (Snakemake resource 'gpu').")
+
+
+class ResourcesConfig(Strict):
+    """Per-stage resources passed to Snakemake (a profile's set-resources can override them)."""
+
+    train: StageResources = Field(default_factory=StageResources)
+    spectrum: StageResources = Field(default_factory=StageResources)
+    project: StageResources = Field(default_factory=StageResources)
+
+
+class FigureConfig(Strict):
+    studies: list[Name] = Field(default_factory=list, description="Studies the figure shows.")
+    style: dict[str, Any] = Field(default_factory=dict, description="Style options of this figure.")
+
+
+class Config(Strict):
+    results: str = Field("results", description="Root of every output.")
+    datasets: dict[Name, DatasetConfig]
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    studies: dict[Name, StudyConfig]
+    spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    figures: dict[Name, FigureConfig] = Field(default_factory=dict)
+    tables: dict[Name, FigureConfig] = Field(default_factory=dict)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        runs = expand_runs(self)  # validates every run; raises with the field path
+        for run, cfg in runs.items():
+            if cfg.dataset not in self.datasets:
+                raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
+        for kind, items in (("figures", self.figures), ("tables", self.tables)):
+            for name, fig in items.items():
+                for s in fig.studies:
+                    if s not in self.studies:
+                        raise ValueError(f"{kind}.{name}: unknown study {s!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------- expansion
+ALIASES = {
+    "optimizer.lr": "lr",
+    "optimizer.batch_size": "bs",
+    "optimizer.momentum": "mom",
+    "optimizer.weight_decay": "wd",
+    "optimizer.nsgd.gamma": "gamma",
+    "optimizer.nsgd.k": "k",
+    "optimizer.nsgd.subspace": "sub",
+    "optimizer.name": "",
+    "model.name": "",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.]", "_", text)
+
+
+def run_id(study: str, point: dict[str, Any]) -> str:
+    """A stable, readable id: the study name, then ``{alias}{value}`` per swept field.
+
+    It depends only on the study name and this run's own sweep values, so adding a value to
+    a sweep adds runs without renaming (or invalidating) the others.
+    """
+    parts = [study]
+    for key, value in point.items():
+        alias = ALIASES.get(key, key.rsplit(".", 1)[-1])
+        parts.append(f"{alias}{_fmt(value)}")
+    return "-".join(parts)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"sweep {path!r}: {key!r} is not a section")
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def _study_points(study: StudyConfig) -> list[dict[str, Any]]:
+    keys = list(study.sweep)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*study.sweep.values())]
+
+
+def expand_runs(cfg: Config) -> dict[str, RunConfig]:
+    """Every run of every study, by run id, validated."""
+    runs: dict[str, RunConfig] = {}
+    for sname, study in cfg.studies.items():
+        base = _deep_merge(cfg.defaults, study.base)
+        for point in _study_points(study):
+            raw = copy.deepcopy(base)
+            for path, value in point.items():
+                _set_path(raw, path, value)
+            rid = run_id(sname, point)
+            try:
+                run = RunConfig.model_validate(raw)
+            except ValidationError as err:
+                raise ValueError(f"studies.{sname} (run {rid}): {_format_errors(err)}") from None
+            if not RUN_ID_RE.match(rid):
+                raise ValueError(f"studies.{sname}: run id {rid!r} is not a safe name")
+            if rid in runs:
+                raise ValueError(f"studies.{sname}: two sweep points give the same run id {rid!r}")
+            runs[rid] = run
+    return runs
+
+
+def study_of(run: str) -> str:
+    return run.split("-", 1)[0]
+
+
+def spectrum_config(cfg: Config, run: str) -> SpectrumConfig:
+    study = cfg.studies[study_of(run)]
+    return SpectrumConfig.model_validate(_deep_merge(cfg.spectrum.model_dump(), study.spectrum))
+
+
+def project_config(cfg: Config, run: str) -> ProjectConfig:
+    study = cfg.studies[study_of(run)]
+    return ProjectConfig.model_validate(_deep_merge(cfg.project.model_dump(), study.project))
+
+
+# ------------------------------------------------------------------------------ checkpoint plan
+def steps_per_epoch(run: RunConfig, dataset: DatasetConfig) -> int:
+    n = dataset.train_size()
+    if run.train_subset is not None:
+        if run.train_subset > n:
+            raise ValueError(f"train_subset {run.train_subset} exceeds the {n} training examples")
+        n = run.train_subset
+    bs = run.optimizer.batch_size
+    return 1 if bs == "full" or bs >= n else math.ceil(n / bs)
+
+
+def total_steps(run: RunConfig, dataset: DatasetConfig) -> int:
+    if run.steps is not None:
+        return run.steps
+    assert run.epochs is not None
+    return max(1, round(run.epochs * steps_per_epoch(run, dataset)))
+
+
+def checkpoint_steps(run: RunConfig, dataset: DatasetConfig) -> list[int]:
+    """Every step at which the run dumps a checkpoint: a pure function of the config.
+
+    Step 0 (the initialisation) and the last step are always included; in between, every
+    ``zoom_every`` steps up to epoch ``zoom_until``, every ``every_epochs`` epochs, and
+    ``log_points`` log-spaced steps.
+    """
+    spe = steps_per_epoch(run, dataset)
+    last = total_steps(run, dataset)
+    ck = run.checkpoints
+    steps = {0, last}
+    if ck.zoom_every:
+        steps.update(range(0, min(last, round(ck.zoom_until * spe)) + 1, ck.zoom_every))
+    if ck.every_epochs:
+        every = max(1, round(ck.every_epochs * spe))
+        steps.update(range(0, last + 1, every))
+    if ck.log_points:
+        for i in range(ck.log_points):
+            steps.add(min(last, round(math.exp(math.log(last) * (i + 1) / ck.log_points))))
+    out = sorted(s for s in steps if 0 <= s <= last)
+    if len(out) > ck.max_checkpoints:
+        raise ValueError(
+            f"the checkpoint schedule has {len(out)} steps, over checkpoints.max_checkpoints "
+            f"= {ck.max_checkpoints}"
+        )
+    return out
+
+
+# -------------------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        msgs.append(f"{loc}: {msg}")
+    return "; ".join(msgs)
+
+
+def parse_config(raw: Any, source: str = "config") -> Config:
+    """Validate a config mapping; any problem raises :class:`ConfigError` naming the field path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, str(path))
+
+
+def dump_json(model: BaseModel) -> str:
+    """The canonical JSON of a stage config, as passed from Snakemake to the CLI."""
+    return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def json_schema() -> dict[str, Any]:
+    return Config.model_json_schema()

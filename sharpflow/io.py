@@ -1,0 +1,170 @@
+"""Atomic writes and safe loads: no reader ever sees half a file, no load runs code.
+
+Every output goes through :func:`atomic_path`: it is written to a temporary file in the same
+directory, flushed and fsync'ed, then renamed over the target (``os.replace`` is atomic on
+POSIX), and the directory entry is fsync'ed. On any error the temporary file is removed and
+the previous target, if any, is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+class SharpflowError(RuntimeError):
+    """A problem the user can act on; the CLI prints its message alone, without a traceback."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _explain_oserror(err: OSError, path: Path) -> SharpflowError:
+    if err.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied"
+    else:
+        why = err.strerror or str(err)
+    return SharpflowError(f"cannot write {path}: {why}; the previous version (if any) is untouched")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise _explain_oserror(err, path) from None
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _explain_oserror(err, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SharpflowError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SharpflowError(f"{path}: not valid JSON ({err})") from None
+
+
+def write_parquet(path: str | Path, df: pd.DataFrame) -> None:
+    """Write a DataFrame (index dropped) atomically."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table; a missing, corrupt or wrongly-shaped file raises SharpflowError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise SharpflowError(f"{path}: file not found")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise SharpflowError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+    if columns is not None:
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise SharpflowError(f"{path}: missing columns {missing}; has {list(df.columns)}")
+    return df
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise SharpflowError(f"{path}: file not found") from None
+    except Exception as err:
+        raise SharpflowError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` atomically (state dicts, checkpoints, eigenvectors)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def load_torch(path: str | Path, *, required: tuple[str, ...] = (), what: str = "file") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    A missing, truncated or hostile file, or one without the ``required`` keys, raises
+    SharpflowError naming the file.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise SharpflowError(f"{path}: {what} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SharpflowError(
+            f"{path}: refused to load {what}: it holds objects other than tensors and plain data "
+            f"(only weights_only=True loads are allowed) [{str(err).splitlines()[0]}]"
+        ) from None
+    except Exception as err:
+        raise SharpflowError(
+            f"{path}: {what} is corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise SharpflowError(f"{path}: {what} should hold a dict, found {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise SharpflowError(f"{path}: {what} lacks the keys {missing}")
+    return obj

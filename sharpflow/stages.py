@@ -1,0 +1,166 @@
+"""Stage glue: load a stage's inputs, call the pure computations, write its outputs atomically.
+
+Table schemas (Parquet, one row per observation; every table has ``run``, ``step``, ``epoch``
+and ``status`` = "ok" | "diverged" | "stopped" copied from the checkpoint):
+
+``spectrum/step*.parquet``: one row per eigenpair —
+    rank (1 = largest), eigenvalue (signed), residual ‖Hv−λv‖₂, rel_residual (residual/|λ|),
+    converged (rel_residual ≤ tol), matvecs and seconds (of the whole solve), n (examples),
+    k, tol, which ("LA"|"LM"), backend, warm (warm-started?), and per-checkpoint summaries
+    repeated on each row: loss (Hessian-subset loss, nats), grad_norm, frobenius (‖H‖_F
+    estimate) and frobenius_se, trace and trace_se (NaN when not asked for).
+
+``eigvecs/step*.pt``: {"eigenvalues": (k,), "eigenvectors": (k, D), "residuals": (k,),
+    "step", "run", "status", "format"} — eigenvectors in the flat parameter order of
+    :mod:`sharpflow.params`; (0, D) for a diverged checkpoint.
+
+The project tables are documented in :func:`project_stage`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import FORMAT_VERSION, ProjectConfig, RunConfig, SpectrumConfig
+from .io import SharpflowError, load_torch, read_parquet, save_torch, write_parquet
+
+EIGVEC_KEYS = ("eigenvalues", "eigenvectors", "residuals", "step", "run", "status", "format")
+
+
+def _context(run: RunConfig, data_dir: str | Path, checkpoint: str | Path, device: torch.device):
+    """Data, the checkpoint and the model restored from it, all on ``device``."""
+    from .data import load_prepared
+    from .train import load_checkpoint, restore_model
+
+    ck = load_checkpoint(checkpoint)
+    data = load_prepared(data_dir, device=device)
+    model = restore_model(ck, run, data, checkpoint).to(device)
+    return data, ck, model
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def spectrum_stage(
+    cfg: SpectrumConfig,
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    previous: str | Path | None,
+    out_table: str | Path,
+    out_eigvecs: str | Path,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Top-k eigenpairs of one checkpoint's training-loss Hessian, with their residuals."""
+    from .hessian import HessianOperator, frobenius_norm, top_eigenpairs, trace
+    from .models import loss_fn
+    from .params import num_params
+    from .train import hessian_batches
+
+    device = torch.device(device)
+    data, ck, model = _context(run, data_dir, checkpoint, device)
+    step, epoch, status = int(ck["step"]), float(ck["epoch"]), str(ck["status"])
+    n = cfg.n or len(data.hessian_idx)
+    dim = num_params(model)
+    base = {"run": run_name, "step": step, "epoch": epoch, "status": status, "n": n, "k": cfg.k,
+            "tol": cfg.tol, "which": cfg.which, "backend": cfg.backend}
+    if status == "diverged" or not _finite(model):
+        status = "diverged"
+        base["status"] = status
+        nan = math.nan
+        df = pd.DataFrame([{**base, "rank": r + 1, "eigenvalue": nan, "residual": nan, "rel_residual": nan,
+                            "converged": False, "matvecs": 0, "seconds": 0.0, "warm": False, "loss": nan,
+                            "grad_norm": nan, "frobenius": nan, "frobenius_se": nan, "trace": nan,
+                            "trace_se": nan} for r in range(cfg.k)])
+        save_torch(out_eigvecs, {"eigenvalues": torch.full((0,), nan), "eigenvectors": torch.zeros(0, dim),
+                                 "residuals": torch.zeros(0), "step": step, "run": run_name,
+                                 "status": status, "format": FORMAT_VERSION["spectrum"]})
+        write_parquet(out_table, df)
+        log(f"[{run_name}] step {step}: diverged checkpoint, no spectrum")
+        return df
+
+    v0 = None
+    if previous is not None and Path(previous).exists():
+        prev = load_torch(previous, required=EIGVEC_KEYS, what="eigenvectors")
+        vecs = prev["eigenvectors"]
+        if vecs.ndim == 2 and vecs.shape[1] == dim and len(vecs) > 0 and bool(torch.isfinite(vecs).all()):
+            v0 = vecs.to(device=device, dtype=torch.float32)
+    op = HessianOperator(model, loss_fn, hessian_batches(data, n), weight_decay=run.optimizer.weight_decay,
+                         eval_mode=cfg.eval_mode, chunk_size=cfg.chunk_size)
+    t0 = time.perf_counter()
+    res = top_eigenpairs(op, k=cfg.k, tol=cfg.tol, v0=v0, which=cfg.which, backend=cfg.backend,
+                         max_matvecs=cfg.max_matvecs, seed=step, progress=progress)
+    seconds = time.perf_counter() - t0
+    n_conv = int(res.converged.sum())
+    if n_conv < cfg.k:
+        log(f"[{run_name}] step {step}: only {n_conv} of {cfg.k} pairs reached rel. residual ≤ {cfg.tol} "
+            f"(worst {float(res.rel_residuals.max()):.2e}); reported as not converged")
+    grad = op.gradient()
+    summary = {"loss": op.loss(), "grad_norm": float(grad.norm()), "frobenius": math.nan,
+               "frobenius_se": math.nan, "trace": math.nan, "trace_se": math.nan}
+    if cfg.frobenius_probes:
+        summary["frobenius"], summary["frobenius_se"] = frobenius_norm(op, cfg.frobenius_probes, seed=step)
+    if cfg.trace_probes:
+        summary["trace"], summary["trace_se"] = trace(op, cfg.trace_probes, seed=step)
+    rows = []
+    for r in range(len(res.eigenvalues)):
+        rows.append({**base, "rank": r + 1, "eigenvalue": float(res.eigenvalues[r]),
+                     "residual": float(res.residuals[r]), "rel_residual": float(res.rel_residuals[r]),
+                     "converged": bool(res.converged[r]), "matvecs": int(res.matvecs), "seconds": seconds,
+                     "warm": v0 is not None, **summary})
+    df = pd.DataFrame(rows)
+    dtype = torch.float16 if cfg.eigvec_dtype == "float16" else torch.float32
+    save_torch(out_eigvecs, {"eigenvalues": res.eigenvalues.float().cpu(),
+                             "eigenvectors": res.eigenvectors.to(dtype).cpu(),
+                             "residuals": res.residuals.float().cpu(), "step": step, "run": run_name,
+                             "status": status, "format": FORMAT_VERSION["spectrum"]})
+    write_parquet(out_table, df)
+    log(f"[{run_name}] step {step}: λ1={float(res.eigenvalues[0]):.4g}, {res.matvecs} HVPs, {seconds:.2f} s"
+        f"{' (warm)' if v0 is not None else ''}")
+    return df
+
+
+def aggregate(inputs: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
+    """Concatenate per-checkpoint tables (same schema) into one, sorted by step."""
+    frames = [read_parquet(p) for p in inputs]
+    if not frames:
+        raise SharpflowError(f"{out}: nothing to aggregate")
+    cols = list(frames[0].columns)
+    for p, f in zip(inputs, frames, strict=True):
+        if list(f.columns) != cols:
+            raise SharpflowError(f"{p}: columns {list(f.columns)} differ from {inputs[0]}: {cols}")
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+    if "step" in df.columns:
+        df = df.sort_values("step", kind="stable").reset_index(drop=True)
+    write_parquet(out, df)
+    return df
+
+
+def project_stage(
+    cfg: ProjectConfig,
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    eigvecs: str | Path,
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict[str, pd.DataFrame]:
+    raise NotImplementedError  # filled in with the analysis module
+
+
+_ = Any

@@ -1,0 +1,81 @@
+# spectrum and project: one job per (run, checkpoint); aggregate: one Parquet per run and kind.
+
+
+rule spectrum:
+    input:
+        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
+        data=run_data,
+        previous=previous_eigvecs,
+    output:
+        table=f"{R}/runs/{{run}}/spectrum/step{{step}}.parquet",
+        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
+    params:
+        spectrum=lambda w: dump_json(spectrum_config(CFG, w.run)),
+        run=run_json,
+        data=lambda w: f"{R}/data/{RUNS[w.run].dataset}",
+        previous=lambda w, input: f"--previous {input.previous[0]}" if input.previous else "",
+        version=FORMAT_VERSION["spectrum"],
+    log:
+        f"{R}/logs/spectrum/{{run}}/step{{step}}.log",
+    threads: RES.spectrum.threads
+    resources:
+        gpu=RES.spectrum.gpu,
+        mem_mb=RES.spectrum.mem_mb,
+        runtime=RES.spectrum.runtime,
+    shell:
+        "sharpflow spectrum --no-progress --threads {threads} --spectrum {params.spectrum:q} "
+        "--run {params.run:q} --run-name {wildcards.run} --data {params.data:q} "
+        "--checkpoint {input.checkpoint:q} {params.previous} --out-table {output.table:q} "
+        "--out-eigvecs {output.eigvecs:q} 2> {log:q}"
+
+
+rule project:
+    input:
+        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
+        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
+        data=run_data,
+    output:
+        [f"{R}/runs/{{run}}/project/{kind}/step{{step}}.parquet" for kind in PROJECT_KINDS],
+    params:
+        project=lambda w: dump_json(project_config(CFG, w.run)),
+        run=run_json,
+        data=lambda w: f"{R}/data/{RUNS[w.run].dataset}",
+        out=lambda w: f"{R}/runs/{w.run}/project",
+        version=FORMAT_VERSION["project"],
+    log:
+        f"{R}/logs/project/{{run}}/step{{step}}.log",
+    threads: RES.project.threads
+    resources:
+        gpu=RES.project.gpu,
+        mem_mb=RES.project.mem_mb,
+        runtime=RES.project.runtime,
+    shell:
+        "sharpflow project --threads {threads} --project {params.project:q} --run {params.run:q} "
+        "--run-name {wildcards.run} --data {params.data:q} --checkpoint {input.checkpoint:q} "
+        "--eigvecs {input.eigvecs:q} --out-dir {params.out:q} 2> {log:q}"
+
+
+def per_checkpoint(kind):
+    def inputs(wildcards):
+        steps = STEPS[wildcards.run]
+        if kind == "spectrum":
+            return [f"{R}/runs/{wildcards.run}/spectrum/step{s:08d}.parquet" for s in steps]
+        return [f"{R}/runs/{wildcards.run}/project/{kind}/step{s:08d}.parquet" for s in steps]
+
+    return inputs
+
+
+for _kind in ["spectrum", *PROJECT_KINDS]:
+
+    rule:
+        name:
+            f"aggregate_{_kind}"
+        input:
+            per_checkpoint(_kind),
+        output:
+            f"{R}/runs/{{run}}/{_kind}.parquet",
+        log:
+            f"{R}/logs/aggregate/{{run}}/{_kind}.log",
+        localrule: True
+        shell:
+            "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"

@@ -1,0 +1,17 @@
+# prepare: one dataset into results/data/{dataset}/ (arrays, Hessian subset, meta.json).
+
+
+rule prepare:
+    output:
+        data_files("{dataset}"),
+    params:
+        dataset=lambda w: dump_json(CFG.datasets[w.dataset]),
+        out=lambda w: f"{R}/data/{w.dataset}",
+        version=FORMAT_VERSION["prepare"],
+    log:
+        f"{R}/logs/prepare/{{dataset}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "sharpflow prepare --no-progress --dataset {params.dataset:q} --out {params.out:q} 2> {log:q}"

@@ -1,0 +1,30 @@
+# train: one rule per run (its checkpoint list is known up front, so each is a declared output).
+
+for _run, _rc in RUNS.items():
+
+    rule:
+        name:
+            rule_name("train", _run)
+        input:
+            data_files(_rc.dataset),
+        output:
+            checkpoints=[ckpt_path(_run, s) for s in STEPS[_run]],
+            metrics=f"{R}/runs/{_run}/metrics.parquet",
+        params:
+            run=dump_json(_rc),
+            dataset=dump_json(CFG.datasets[_rc.dataset]),
+            name=_run,
+            data=f"{R}/data/{_rc.dataset}",
+            out=f"{R}/runs/{_run}",
+            version=FORMAT_VERSION["train"],
+        log:
+            f"{R}/logs/train/{_run}.log",
+        threads: RES.train.threads
+        resources:
+            gpu=RES.train.gpu,
+            mem_mb=RES.train.mem_mb,
+            runtime=RES.train.runtime,
+        shell:
+            "sharpflow train --no-progress --threads {threads} --run {params.run:q} "
+            "--run-name {params.name:q} --dataset {params.dataset:q} --data {params.data:q} "
+            "--out {params.out:q} 2> {log:q}"
