@@ -23,7 +23,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -148,6 +147,10 @@ def aggregate(inputs: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     return df
 
 
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
 def project_stage(
     cfg: ProjectConfig,
     run: RunConfig,
@@ -160,7 +163,90 @@ def project_stage(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
 ) -> dict[str, pd.DataFrame]:
-    raise NotImplementedError  # filled in with the analysis module
+    """The projected-gradient analyses of one checkpoint (paper-notes, "Analyses").
 
+    Writes ``{out_dir}/{kind}/step{step:08d}.parquet`` for kind in
 
-_ = Any
+    - ``alignment``: :func:`sharpflow.analysis.alignment` over ``cfg.alignment_batches``
+      random mini-batches at the run's batch size and the full-batch gradient (whole training
+      set), against the top ``cfg.k`` eigenvectors and ``cfg.random_directions`` random ones;
+      extra columns ``dim`` (D) and ``random_baseline`` (sqrt(2/(πD)));
+    - ``cross_sections``: :func:`sharpflow.analysis.cross_sections` along e_i for i in
+      ``cfg.cross_directions`` (those ≤ k) and one random direction, k in ``cfg.cross_ks`` in units
+      of the typical projected step s_i = η·mean|gᵀe_i| over ``cfg.grad_batches`` mini-batches,
+      loss on a fixed seeded subset of ``cfg.subset`` training examples;
+    - ``widths``: :func:`sharpflow.analysis.cross_section_widths` of those sections;
+    - ``decomposed``: :func:`sharpflow.analysis.decomposed_step` (one row per gradient, direction
+      and multiplier) on the same subset and gradients.
+
+    Every table also has ``run``, ``step``, ``epoch``, ``status``, ``lr``. A diverged checkpoint
+    gives the same tables with NaN values and ``diverged`` = True.
+    """
+    from . import analysis as A
+    from .models import loss_fn
+    from .params import flat_params
+
+    device = torch.device(device)
+    data, ck, model = _context(run, data_dir, checkpoint, device)
+    model.eval()
+    ev = load_torch(eigvecs, required=EIGVEC_KEYS, what="eigenvectors")
+    step, epoch, status = int(ck["step"]), float(ck["epoch"]), str(ck["status"])
+    if int(ev["step"]) != step:
+        raise SharpflowError(f"{eigvecs}: eigenvectors are for step {ev['step']}, the checkpoint is step {step}")
+    theta = flat_params(model)
+    dim = theta.numel()
+    k = min(cfg.k, len(ev["eigenvectors"]))
+    finite = bool(torch.isfinite(theta).all()) and k > 0
+    if not finite:
+        status = "diverged" if status == "ok" else status
+        theta = torch.full_like(theta, math.nan)
+        k = cfg.k
+        E = torch.full((k, dim), math.nan, device=device)
+        lam = torch.full((k,), math.nan)
+    else:
+        E = ev["eigenvectors"][:k].to(device=device, dtype=theta.dtype)
+        lam = ev["eigenvalues"][:k].double()
+    lr = run.optimizer.lr
+    n_train = run.train_subset or len(data.train.x)
+    x, y = data.train.x[:n_train], data.train.y[:n_train]
+    bs = n_train if run.optimizer.batch_size == "full" else min(run.optimizer.batch_size, n_train)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+
+    def sample_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.stack([torch.randperm(n_train, generator=gen)[:bs] for _ in range(count)]).to(device)
+        return [(x[i], y[i]) for i in idx]
+
+    subset_idx = torch.randperm(n_train, generator=gen)[: min(cfg.subset, n_train)].to(device)
+    subset = _batches(x[subset_idx], y[subset_idx], 1000)
+    t0 = time.perf_counter()
+
+    grads_align = A.batch_gradients(model, loss_fn, theta, sample_batches(cfg.alignment_batches))
+    full = A.full_gradient(model, loss_fn, theta, _batches(x, y, 1000))
+    align = A.alignment(grads_align, E, full, n_random=cfg.random_directions, generator=cfg.seed + step)
+    align["dim"] = dim
+    align["random_baseline"] = A.random_cos_baseline(dim)
+
+    grads = grads_align[: cfg.grad_batches] if cfg.grad_batches <= len(grads_align) else A.batch_gradients(
+        model, loss_fn, theta, sample_batches(cfg.grad_batches))
+    dirs: dict[str, torch.Tensor] = {}
+    for i in cfg.cross_directions:
+        if i <= k:
+            dirs[f"e{i}"] = E[i - 1]
+    rnd = torch.randn(dim, generator=gen).to(device=device, dtype=theta.dtype)
+    dirs["rand"] = rnd / rnd.norm()
+    steps_ = {name: A.typical_step(grads, d, lr) if finite else math.nan for name, d in dirs.items()}
+    cross = A.cross_sections(model, loss_fn, theta, dirs, steps_, subset, ks=cfg.cross_ks)
+    widths = A.cross_section_widths(cross, cfg.width_thresholds)
+    decomp = A.decomposed_step(model, loss_fn, theta, grads, E, lam, lr, subset, multipliers=cfg.multipliers,
+                               generator=cfg.seed + step + 1)
+    tables = {"alignment": align, "cross_sections": cross, "widths": widths, "decomposed": decomp}
+    ident = {"run": run_name, "step": step, "epoch": epoch, "status": status, "lr": lr}
+    for kind, df in tables.items():
+        for col, val in reversed(ident.items()):
+            if col in df.columns:
+                df[col] = val
+            else:
+                df.insert(0, col, val)
+        write_parquet(Path(out_dir) / kind / f"step{step:08d}.parquet", df)
+    log(f"[{run_name}] step {step}: project done in {time.perf_counter() - t0:.2f} s")
+    return tables

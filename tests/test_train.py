@@ -1,0 +1,123 @@
+"""Training: schedule, determinism, resume after a crash, divergence and early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from sharpflow.config import checkpoint_steps
+from sharpflow.train import METRICS_COLUMNS, load_checkpoint, train
+
+from .conftest import tiny_run
+
+
+def _quiet(*_):
+    pass
+
+
+def _train(run, ds, data, out, **kw):
+    return train(run, ds, run_name="r", data_dir=data, out_dir=out, progress=False, log=_quiet, **kw)
+
+
+def _ckpts(out):
+    return sorted((out / "checkpoints").glob("step*.pt"))
+
+
+def _same_checkpoints(a, b):
+    fa, fb = _ckpts(a), _ckpts(b)
+    assert [p.name for p in fa] == [p.name for p in fb]
+    for pa, pb in zip(fa, fb, strict=True):
+        ca, cb = load_checkpoint(pa), load_checkpoint(pb)
+        assert ca["step"] == cb["step"] and ca["status"] == cb["status"]
+        for key in ca["model"]:
+            assert torch.equal(ca["model"][key], cb["model"][key]), (pa.name, key)
+
+
+def _comparable(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=["wall_s", "refresh_s"]).reset_index(drop=True)
+
+
+def test_checkpoints_follow_the_schedule(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run()
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    expected = checkpoint_steps(run, tiny_dataset)
+    # 320 train / 20 = 16 steps per epoch; zoom every 5 steps to epoch 1; then every epoch; last 40
+    assert expected == [0, 5, 10, 15, 16, 32, 40]
+    assert [int(p.stem[4:]) for p in _ckpts(tmp_path)] == expected
+    assert list(df.columns) == METRICS_COLUMNS
+    assert (df[df.split == "batch"].step.tolist()) == list(range(40))
+    for split in ("train", "valid", "test"):
+        assert df[df.split == split].step.tolist() == expected
+    assert not (tmp_path / ".resume").exists()
+    ck = load_checkpoint(tmp_path / "checkpoints" / "step00000016.pt")
+    assert ck["step"] == 16 and ck["epoch"] == 1.0 and ck["status"] == "ok"
+    # the loss goes down and the checkpoint at step 0 is the initialisation
+    train_loss = df[df.split == "train"].set_index("step").loss
+    assert train_loss[40] < train_loss[0]
+    assert df[(df.split == "train") & (df.step == 0)].dist_init.iloc[0] == 0.0
+
+
+def test_training_is_deterministic_for_a_seed(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run()
+    a = _train(run, tiny_dataset, tiny_data, tmp_path / "a")
+    b = _train(run, tiny_dataset, tiny_data, tmp_path / "b")
+    _same_checkpoints(tmp_path / "a", tmp_path / "b")
+    pd.testing.assert_frame_equal(_comparable(a), _comparable(b))
+    c = _train(tiny_run(seed=1), tiny_dataset, tiny_data, tmp_path / "c")
+    assert not _comparable(a).equals(_comparable(c))
+
+
+@pytest.mark.parametrize("crash_after", [3, 16, 33])
+def test_resume_after_crash_is_bitwise_identical(tiny_data, tiny_dataset, tmp_path, crash_after):
+    run = tiny_run(optimizer__momentum=0.9)
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=crash_after)
+    assert (out / ".resume" / "state.pt").exists()
+    # Snakemake deletes the declared outputs of a failed job before rerunning it.
+    for p in _ckpts(out):
+        p.unlink()
+    again = _train(run, tiny_dataset, tiny_data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
+def test_resume_state_of_another_config_is_ignored(tiny_data, tiny_dataset, tmp_path):
+    _train(tiny_run(), tiny_dataset, tiny_data, tmp_path, stop_after=20)
+    ref = _train(tiny_run(optimizer__lr=0.05), tiny_dataset, tiny_data, tmp_path / "ref")
+    again = _train(tiny_run(optimizer__lr=0.05), tiny_dataset, tiny_data, tmp_path)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
+def test_divergence_ends_cleanly_and_marks_checkpoints(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run(optimizer__lr=1e4)
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    steps = checkpoint_steps(run, tiny_dataset)
+    assert [int(p.stem[4:]) for p in _ckpts(tmp_path)] == steps
+    statuses = [load_checkpoint(tmp_path / "checkpoints" / f"step{s:08d}.pt")["status"] for s in steps]
+    assert statuses[0] == "ok" and statuses[-1] == "diverged"
+    assert "diverged" in set(df.status)
+    batch = df[df.split == "batch"]
+    assert len(batch) < 40  # training stopped early
+    assert not math.isfinite(batch.loss.iloc[-1])
+    assert df.step.max() == 40
+
+
+def test_early_stopping_marks_remaining_checkpoints(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run(optimizer__lr=1e-12, optimizer__schedule={"kind": "plateau", "patience": 1, "early_stop": 1})
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    ck = load_checkpoint(tmp_path / "checkpoints" / "step00000040.pt")
+    assert ck["status"] == "stopped"
+    assert len(df[df.split == "batch"]) == 32  # stopped at the end of epoch 2 (no gain after epoch 1)
+    # plateau: lr dropped by 10x after one epoch without val-loss improvement
+    assert df[df.split == "batch"].lr.min() == pytest.approx(1e-13)
+
+
+def test_step_schedule(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run(optimizer__schedule={"kind": "step", "milestones": [1.0], "factor": 0.5})
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    lrs = df[df.split == "batch"].set_index("step").lr
+    assert lrs[15] == 0.1 and lrs[16] == 0.05
