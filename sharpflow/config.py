@@ -63,7 +63,7 @@ class DatasetConfig(Strict):
     """One dataset, prepared once into ``results/data/{name}/``."""
 
     source: Literal["mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb"]
-    seed: int = Field(0, description="Seed of the train/valid split and of the Hessian subset.")
+    seed: NonNegativeInt = Field(0, lt=2**32, description="Seed of the train/valid split and of the Hessian subset.")
     hessian_subset: PositiveInt = Field(
         2560, description="N, the fixed training examples over which Hessians are averaged."
     )
@@ -109,7 +109,7 @@ class DatasetConfig(Strict):
         that the real data has exactly this many and fails, naming both numbers, if not.
         """
         full = {
-            "mnist1d": int(self.mnist1d_samples * 0.8),
+            "mnist1d": int(10 * (self.mnist1d_samples // 10) * 0.8),  # the package makes whole tens
             "cifar10": 50000,
             "cifar100": 50000,
             "mnist": 60000,

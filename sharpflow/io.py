@@ -45,8 +45,12 @@ def _explain_oserror(err: OSError, path: Path) -> SharpflowError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    ``durable`` also fsyncs the file and its directory, so the new version survives a power
+    loss, not only a crash of the process; state that is cheap to recompute skips it.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +61,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise _explain_oserror(err, path) from None
@@ -130,11 +136,11 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise SharpflowError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
 
 
-def save_torch(path: str | Path, obj: Any) -> None:
+def save_torch(path: str | Path, obj: Any, *, durable: bool = True) -> None:
     """``torch.save`` atomically (state dicts, checkpoints, eigenvectors)."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
 
 
