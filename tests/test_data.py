@@ -119,10 +119,12 @@ def test_hessian_subset_too_large(tmp_path: Path) -> None:
     assert not (tmp_path / "meta.json").exists()
 
 
-def test_train_size_mismatch_names_both_numbers(tmp_path: Path) -> None:
-    # 505 samples: mnist1d makes 50 per class (500), so 400 - 50 = 350 train; the config says 404 - 50.
+def test_train_size_mismatch_names_both_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 505 samples: mnist1d makes 50 per class (500), so 400 - 50 = 350 train, which the config knows.
     cfg = mnist1d_cfg(mnist1d_samples=505)
-    assert cfg.train_size() == 354
+    assert cfg.train_size() == 350
+    # A config that expects another size (as a changed upstream generator would) is refused.
+    monkeypatch.setattr(type(cfg), "train_size", lambda self: 354)
     with pytest.raises(DataError, match=r"gives 350 training.*train_size\(\) = 354"):
         prepare(cfg, tmp_path, progress=False, log=quiet)
     assert not (tmp_path / "meta.json").exists()
