@@ -1,0 +1,732 @@
+"""Projected-gradient analyses: how mini-batch gradients and SGD steps meet the sharpest directions.
+
+Every function here is pure: tensors in, tensors or tidy (long) pandas DataFrames out. Loading a
+checkpoint and its eigenvectors, and adding ``run``/``step``/``epoch`` columns, is the caller's job.
+
+Conventions shared by all functions
+-----------------------------------
+- ``theta`` is a flat (D,) parameter vector in the order of :func:`sharpflow.params.trainable`;
+  ``E`` is a (k, D) stack of orthonormal eigenvectors in descending eigenvalue order (row i-1 is
+  e_i); mini-batch gradients are (B, D) stacks. The model's own weights are never touched: every
+  evaluation goes through ``torch.func.functional_call`` with ``theta`` unflattened. Pass an
+  eval-mode model (BatchNorm/dropout frozen); randomness inside the model is an error under vmap.
+- ``loss_fn(logits, y)`` returns the MEAN loss over a batch. A batch's weight is its number of
+  examples, ``x.shape[0]``, so losses and gradients "over ``batches``" are exact means over all
+  their examples even when the batches differ in size.
+- Randomness (random directions) comes only from the ``generator`` argument: a
+  ``torch.Generator`` or an int seed. The same seed gives the same rows.
+- Divergence: every DataFrame has a boolean ``diverged`` column. It is True on rows computed
+  from a non-finite ``theta`` (or a non-finite gradient where the row depends on one); those
+  rows carry NaN values instead of raising.
+- ``chunk`` bounds memory: how many mini-batches (for gradients) or parameter vectors (for
+  losses) are pushed through one ``vmap`` call. ``None`` picks a default (16 for gradients, 32
+  for losses). If a model has an operation that ``vmap`` cannot batch, the functions fall back to
+  a plain loop (with a warning) and give the same numbers, only slower.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from sharpflow.params import LossFn, loss_of_params, trainable, unflatten
+
+Batch = tuple[Tensor, Tensor]
+Mode = Literal["none", "remove", "isolate", "freeze", "rescale"]
+
+DEFAULT_KS: tuple[float, ...] = (-16.0, -8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0,
+                                 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+DEFAULT_MULTIPLIERS: tuple[float, ...] = (0.25, 0.33, 0.5, 1.0, 2.0, 3.0, 4.0)
+DEFAULT_THRESHOLDS: tuple[float, ...] = (1.01, 1.1, 1.5, 2.0)
+GRAD_CHUNK = 16
+THETA_CHUNK = 32
+
+# Columns that the caller may add to a table before summarising it; they become group keys.
+_ID_COLUMNS = ("run", "step", "epoch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small private helpers
+# ----------------------------------------------------------------------------------------------
+def _flat_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``f(theta (D,), x, y) -> mean loss``: a pure function of the flat parameter vector."""
+    like = trainable(model)
+    f = loss_of_params(model, loss_fn)
+
+    def f_flat(theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return f(unflatten(theta, like), x, y)
+
+    return f_flat
+
+
+def _n_examples(batch: Batch) -> int:
+    return int(batch[0].shape[0])
+
+
+def _is_finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _as_generator(generator: torch.Generator | int) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(int(generator))
+
+
+def _random_unit_vectors(n: int, dim: int, generator: torch.Generator | int, like: Tensor) -> Tensor:
+    """(n, dim) rows drawn uniformly on the unit sphere (normalised Gaussians), dtype/device of ``like``."""
+    gen = _as_generator(generator)
+    v = torch.randn((n, dim), generator=gen, dtype=torch.float64, device=gen.device)
+    v = v / v.norm(dim=1, keepdim=True)
+    return v.to(dtype=like.dtype, device=like.device)
+
+
+def _shape_groups(batches: Sequence[Batch]) -> list[list[int]]:
+    """Indices of batches grouped by (shape, dtype) of x and y, so each group can be stacked."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(batches):
+        groups.setdefault((tuple(x.shape), x.dtype, tuple(y.shape), y.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _warn_fallback(what: str, err: Exception) -> None:
+    warnings.warn(f"vmap failed for {what} ({type(err).__name__}: {err}); falling back to a loop",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _iter_batch_gradients(
+    model: nn.Module, loss_fn: LossFn, theta: Tensor, batches: Sequence[Batch], chunk: int | None
+) -> Iterator[tuple[list[int], Tensor]]:
+    """Yield (batch indices, (len, D) gradients) chunk by chunk; batches of equal shape are vmapped."""
+    chunk = chunk or GRAD_CHUNK
+    dev = theta.device
+    g1 = grad(_flat_loss(model, loss_fn))
+    gv = vmap(g1, in_dims=(None, 0, 0))
+    use_vmap = True
+    for group in _shape_groups(batches):
+        for start in range(0, len(group), chunk):
+            sel = group[start : start + chunk]
+            if use_vmap and len(sel) > 1:
+                xs = torch.stack([batches[i][0] for i in sel]).to(dev)
+                ys = torch.stack([batches[i][1] for i in sel]).to(dev)
+                try:
+                    yield sel, gv(theta, xs, ys)
+                    continue
+                except (RuntimeError, NotImplementedError) as err:
+                    _warn_fallback("mini-batch gradients", err)
+                    use_vmap = False
+            yield sel, torch.stack([g1(theta, batches[i][0].to(dev), batches[i][1].to(dev)) for i in sel])
+
+
+def _mean_losses(
+    f: Callable[[Tensor, Tensor, Tensor], Tensor], thetas: Tensor, batches: Sequence[Batch], state: dict
+) -> Tensor:
+    """(c,) float64 mean loss over all examples of ``batches`` for each row of ``thetas`` (c, D)."""
+    n_total = sum(_n_examples(b) for b in batches)
+    total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
+    fv = vmap(f, in_dims=(0, None, None))
+    for x, y in batches:
+        x, y = x.to(thetas.device), y.to(thetas.device)
+        w = _n_examples((x, y)) / n_total
+        if state["vmap"]:
+            try:
+                total += w * fv(thetas, x, y).double()
+                continue
+            except (RuntimeError, NotImplementedError) as err:
+                _warn_fallback("losses at parameter vectors", err)
+                state["vmap"] = False
+        total += w * torch.stack([f(t, x, y) for t in thetas]).double()
+    return total
+
+
+def _losses_along(
+    model: nn.Module,
+    loss_fn: LossFn,
+    theta: Tensor,
+    dirs: Tensor,
+    index: Tensor,
+    coef: Tensor,
+    batches: Sequence[Batch],
+    chunk: int | None,
+) -> Tensor:
+    """(m,) float64 losses at θ + coef[j]·dirs[index[j]], building the (m, D) points chunk by chunk.
+
+    Materialising all m points at once would cost m·D memory (e.g. 490 × 362k floats for the
+    decomposed step); a chunk of them is enough for one vmapped evaluation.
+    """
+    chunk = chunk or THETA_CHUNK
+    f = _flat_loss(model, loss_fn)
+    state = {"vmap": True}
+    out = torch.empty(index.shape[0], dtype=torch.float64, device=theta.device)
+    with torch.no_grad():
+        for s in range(0, index.shape[0], chunk):
+            c = coef[s : s + chunk, None].to(device=theta.device, dtype=theta.dtype)
+            pts = theta + c * dirs[index[s : s + chunk]]
+            loss = _mean_losses(f, pts, batches, state)
+            # A point that left the finite range has no meaningful loss, whatever the model returns.
+            loss[~torch.isfinite(pts).all(dim=1)] = math.nan
+            out[s : s + chunk] = loss
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients and losses at parameter vectors
+# ----------------------------------------------------------------------------------------------
+def batch_gradients(
+    model: nn.Module, loss_fn: LossFn, theta: Tensor, batches: Sequence[Batch], *, chunk: int | None = None
+) -> Tensor:
+    """Gradient of each mini-batch's mean loss at ``theta``.
+
+    Args:
+        theta: (D,) flat parameters.
+        batches: B tuples ``(x, y)``. Batches of equal shape are stacked and differentiated in
+            one ``vmap(grad(f))`` call per ``chunk`` batches; a batch of odd size (typically the
+            last one) is handled in its own group, so it does not force a slow loop on the rest.
+        chunk: batches per vmap call (default 16); bounds memory to ``chunk`` batches' activations.
+
+    Returns:
+        (B, D) tensor, row b = ∇_θ loss_fn(model_θ(x_b), y_b), dtype/device of ``theta``.
+        All NaN if ``theta`` is not finite.
+    """
+    theta = theta.detach()
+    out = torch.full((len(batches), theta.numel()), math.nan, dtype=theta.dtype, device=theta.device)
+    if not _is_finite(theta):
+        return out
+    for sel, g in _iter_batch_gradients(model, loss_fn, theta, batches, chunk):
+        out[sel] = g
+    return out
+
+
+def full_gradient(
+    model: nn.Module, loss_fn: LossFn, theta: Tensor, batches: Sequence[Batch], *, chunk: int | None = None
+) -> Tensor:
+    """Gradient of the mean loss over ALL examples of ``batches`` at ``theta``: a (D,) tensor.
+
+    Exact weighting: batch b enters with weight n_b / Σ n, so uneven batches give the gradient of
+    the loss on their concatenation. Memory is O(chunk·D), not O(B·D). All NaN if ``theta`` is
+    not finite.
+    """
+    theta = theta.detach()
+    acc = torch.zeros_like(theta)
+    if not _is_finite(theta):
+        return acc.fill_(math.nan)
+    n_total = sum(_n_examples(b) for b in batches)
+    for sel, g in _iter_batch_gradients(model, loss_fn, theta, batches, chunk):
+        w = torch.tensor([_n_examples(batches[i]) / n_total for i in sel], dtype=g.dtype, device=g.device)
+        acc += w @ g
+    return acc
+
+
+def loss_at(
+    model: nn.Module, loss_fn: LossFn, thetas: Tensor, batches: Sequence[Batch], *, chunk: int | None = None
+) -> Tensor:
+    """Mean loss over all examples of ``batches`` at each of m parameter vectors.
+
+    Args:
+        thetas: (m, D) parameter vectors (a (D,) vector is treated as m=1).
+        chunk: parameter vectors per vmap call (default 32).
+
+    Returns:
+        (m,) float64 tensor on ``thetas``' device; exact example weighting across uneven batches;
+        NaN for rows of ``thetas`` that are not finite.
+    """
+    thetas = thetas.detach()
+    if thetas.dim() == 1:
+        thetas = thetas[None]
+    m = thetas.shape[0]
+    idx = torch.arange(m, device=thetas.device)
+    zero = torch.zeros(thetas.shape[1], dtype=thetas.dtype, device=thetas.device)
+    return _losses_along(model, loss_fn, zero, thetas, idx, torch.ones(m, dtype=thetas.dtype), batches, chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Alignment of gradients with the sharpest directions
+# ----------------------------------------------------------------------------------------------
+def random_cos_baseline(dim: int, *, exact: bool = False) -> float:
+    """E|cos(g, r)| for r uniform on the unit sphere of R^dim (any fixed g ≠ 0).
+
+    ``exact=False`` gives the large-dim approximation sqrt(2 / (π·dim)) used by the paper;
+    ``exact=True`` gives Γ(dim/2) / (√π · Γ((dim+1)/2)) (e.g. 2/π for dim=2).
+    """
+    if exact:
+        return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+    return math.sqrt(2.0 / (math.pi * dim))
+
+
+def random_frac_baseline(k: int, dim: int) -> float:
+    """E[fraction of a random vector's squared norm inside a fixed k-dim subspace of R^dim] = k/dim."""
+    return k / dim
+
+
+def alignment(
+    grads: Tensor,
+    E: Tensor,
+    full_grad: Tensor | None = None,
+    *,
+    n_random: int = 5,
+    generator: torch.Generator | int = 0,
+) -> pd.DataFrame:
+    """Cosines between gradients and the top-k eigenvectors (and random directions).
+
+    Args:
+        grads: (B, D) mini-batch gradients.
+        E: (k, D) orthonormal eigenvectors, row i-1 = e_i (descending eigenvalue).
+        full_grad: optional (D,) full-batch gradient, reported as ``source="full"``.
+        n_random: R random unit vectors (uniform on the sphere of R^D), the same R for every
+            gradient, drawn from ``generator``.
+
+    Returns:
+        One row per (gradient, direction). Columns:
+
+        - ``source``: "minibatch" or "full";
+        - ``batch``: mini-batch index 0..B-1, or -1 for the full-batch gradient;
+        - ``direction``: "e1".."ek", "rand1".."randR", or "subspace" (span of e_1..e_k);
+        - ``kind``: "eigen", "random" or "subspace";
+        - ``rank``: i for e_i, r for rand_r, k for the subspace;
+        - ``cos``: signed cosine gᵀd / (‖g‖‖d‖); NaN on "subspace" rows;
+        - ``abs_cos``: |cos|; on "subspace" rows the cosine between g and its projection onto
+          the subspace, sqrt(frac_in_subspace);
+        - ``frac_in_subspace``: fraction of ‖g‖² inside the span of the row's direction(s):
+          cos² on single-direction rows, Σ_{i≤k} cos_i² on "subspace" rows (random level k/D);
+        - ``grad_norm``: ‖g‖ (parameter-gradient units);
+        - ``diverged``: the gradient has non-finite entries.
+
+        A zero gradient gives NaN cosines (0/0), not an error.
+    """
+    g_all = grads if full_grad is None else torch.cat([grads, full_grad[None]])
+    n_mb = grads.shape[0]
+    k, dim = E.shape
+    R = _random_unit_vectors(n_random, dim, generator, E)
+    dirs = torch.cat([E, R]).double()
+    dir_norm = dirs.norm(dim=1).cpu().numpy()
+
+    # float64 in row chunks: precise cosines without a (B, D) float64 copy of all gradients.
+    dots, norms, finite = [], [], []
+    for s in range(0, g_all.shape[0], 64):
+        g = g_all[s : s + 64].to(dirs.device).double()
+        dots.append((g @ dirs.T).cpu())
+        norms.append(g.norm(dim=1).cpu())
+        finite.append(torch.isfinite(g).all(dim=1).cpu())
+    dot = torch.cat(dots).numpy() if dots else np.zeros((0, k + n_random))
+    gnorm = torch.cat(norms).numpy() if norms else np.zeros(0)
+    ok = torch.cat(finite).numpy() if finite else np.zeros(0, dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (gnorm[:, None] * dir_norm[None, :])
+    cos[~ok] = np.nan
+    frac_sub = (cos[:, :k] ** 2).sum(axis=1) if k else np.zeros(len(gnorm))
+    frac_sub[~ok | ~np.isfinite(frac_sub)] = np.nan
+
+    n_g = len(gnorm)
+    n_d = k + n_random + 1
+    names = [f"e{i + 1}" for i in range(k)] + [f"rand{r + 1}" for r in range(n_random)] + ["subspace"]
+    kinds = ["eigen"] * k + ["random"] * n_random + ["subspace"]
+    ranks = [*range(1, k + 1), *range(1, n_random + 1), k]
+    cos_full = np.concatenate([cos, np.full((n_g, 1), np.nan)], axis=1)
+    abs_full = np.concatenate([np.abs(cos), np.sqrt(frac_sub)[:, None]], axis=1)
+    frac_full = np.concatenate([cos**2, frac_sub[:, None]], axis=1)
+    batch_idx = np.array([*range(n_mb), *([-1] if full_grad is not None else [])], dtype=np.int64)
+    return pd.DataFrame({
+        "source": np.repeat(np.where(batch_idx >= 0, "minibatch", "full"), n_d),
+        "batch": np.repeat(batch_idx, n_d),
+        "direction": np.tile(names, n_g),
+        "kind": np.tile(kinds, n_g),
+        "rank": np.tile(np.array(ranks, dtype=np.int64), n_g),
+        "cos": cos_full.reshape(-1),
+        "abs_cos": abs_full.reshape(-1),
+        "frac_in_subspace": frac_full.reshape(-1),
+        "grad_norm": np.repeat(gnorm, n_d),
+        "diverged": np.repeat(~ok, n_d),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Loss cross-sections along single directions
+# ----------------------------------------------------------------------------------------------
+def typical_step(grads: Tensor, e: Tensor, lr: float) -> float:
+    """Typical SGD step length projected on ``e``: lr · mean_m |g_mᵀe| (parameter units).
+
+    Args:
+        grads: (M, D) mini-batch gradients; e: (D,) unit direction; lr: learning rate η.
+    """
+    proj = grads.double() @ e.to(grads.device).double()
+    return float(lr * proj.abs().mean())
+
+
+def cross_sections(
+    model: nn.Module,
+    loss_fn: LossFn,
+    theta: Tensor,
+    directions: Mapping[str, Tensor],
+    step_sizes: Mapping[str, float],
+    batches: Sequence[Batch],
+    ks: Sequence[float] = DEFAULT_KS,
+    *,
+    chunk: int | None = None,
+) -> pd.DataFrame:
+    """Loss along lines θ + k·s_d·d through ``theta`` (one line per direction).
+
+    Args:
+        theta: (D,) centre.
+        directions: name -> (D,) direction d (meant to be a unit vector, e.g. e_1, e_3, e_5).
+        step_sizes: name -> s_d, the unit of k along d (e.g. :func:`typical_step`, so k=1 is one
+            typical SGD step projected on d).
+        batches: the fixed subset on which the loss is measured (exact example weighting).
+        ks: multiples of s_d; k=0 is always added (it is the reference for ``rel_loss``).
+
+    Returns:
+        One row per (direction, k), sorted by k. Columns: ``direction``, ``k``, ``step_size``
+        (s_d), ``offset`` (k·s_d, the signed distance along d for a unit d), ``loss`` (mean loss,
+        the loss function's units), ``rel_loss`` (loss / loss at k=0), ``diverged`` (``theta`` not
+        finite; then loss and rel_loss are NaN). The centre is evaluated once and shared by all
+        directions.
+    """
+    names = list(directions)
+    missing = [n for n in names if n not in step_sizes]
+    if missing:
+        raise KeyError(f"no step size for direction(s) {missing}")
+    k_vals = sorted({float(k) for k in ks} | {0.0})
+    k_nz = [k for k in k_vals if k != 0.0]
+    theta = theta.detach()
+    diverged = not _is_finite(theta)
+
+    n_dir = len(names)
+    if diverged or n_dir == 0:
+        losses = np.full((n_dir, len(k_nz)), np.nan)
+        centre = math.nan
+    else:
+        dirs = torch.stack([directions[n].detach().to(theta) for n in names] + [torch.zeros_like(theta)])
+        idx = torch.tensor([*np.repeat(np.arange(n_dir), len(k_nz)), n_dir], device=theta.device)
+        coef = torch.tensor(
+            [k * float(step_sizes[n]) for n in names for k in k_nz] + [0.0], dtype=torch.float64
+        )
+        out = _losses_along(model, loss_fn, theta, dirs, idx, coef, batches, chunk).cpu().numpy()
+        losses, centre = out[:-1].reshape(n_dir, len(k_nz)), float(out[-1])
+
+    rows = []
+    for i, n in enumerate(names):
+        s = float(step_sizes[n])
+        line = dict(zip(k_nz, losses[i], strict=True)) | {0.0: centre}
+        for k in k_vals:
+            rows.append({"direction": n, "k": k, "step_size": s, "offset": k * s, "loss": float(line[k]),
+                         "rel_loss": float(line[k]) / centre, "diverged": diverged})
+    cols = ["direction", "k", "step_size", "offset", "loss", "rel_loss", "diverged"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def cross_section_widths(df: pd.DataFrame, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> pd.DataFrame:
+    """Width of the valley along each direction: how far one must go before the loss rises.
+
+    For each direction, threshold τ and side, scan the sampled k outwards from 0 and report the
+    first |k| with loss > τ · loss(k=0). A non-finite loss away from the centre counts as
+    exceeding (it comes from overflow far out along the line).
+
+    Args:
+        df: output of :func:`cross_sections` (extra ``run``/``step``/``epoch`` columns are kept
+            as group keys).
+        thresholds: τ values (> 1).
+
+    Returns:
+        One row per (direction, threshold, side). Columns: ``direction``, ``threshold``, ``side``
+        ("+", "-", or "min" = the narrower of the two), ``width_k`` (the grid |k|; ``inf`` if the
+        loss never exceeds τ on the sampled range — a lower bound "wider than max |k|"; NaN if the
+        centre loss is not finite), ``width_k_interp`` (|k| where the linear interpolation of
+        rel_loss between the last sample below τ and the first above crosses τ; same inf/NaN
+        rules), ``step_size``, ``width`` (width_k · step_size, parameter-space distance for a unit
+        direction), ``diverged``.
+    """
+    keys = [c for c in _ID_COLUMNS if c in df.columns] + ["direction"]
+    rows = []
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ident = dict(zip(keys, key, strict=True))
+        s = float(g["step_size"].iloc[0])
+        diverged = bool(g["diverged"].any())
+        centre = g.loc[g["k"] == 0.0, "loss"]
+        centre_ok = len(centre) > 0 and np.isfinite(centre.iloc[0]) and not diverged
+        for tau in thresholds:
+            per_side: dict[str, tuple[float, float]] = {}
+            for side, sign in (("+", 1.0), ("-", -1.0)):
+                part = g[g["k"] * sign > 0].assign(absk=lambda d: d["k"].abs()).sort_values("absk")
+                per_side[side] = (
+                    _first_crossing(part["absk"].to_numpy(), part["rel_loss"].to_numpy(), tau)
+                    if centre_ok else (math.nan, math.nan)
+                )
+            plus, minus = per_side["+"], per_side["-"]
+            per_side["min"] = (float(np.fmin(plus[0], minus[0])), float(np.fmin(plus[1], minus[1])))
+            for side, (wk, wi) in per_side.items():
+                rows.append(ident | {"threshold": float(tau), "side": side, "width_k": wk,
+                                     "width_k_interp": wi, "step_size": s, "width": wk * s,
+                                     "diverged": diverged})
+    cols = [*keys, "threshold", "side", "width_k", "width_k_interp", "step_size", "width", "diverged"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _first_crossing(absk: np.ndarray, rel: np.ndarray, tau: float) -> tuple[float, float]:
+    """(grid |k|, interpolated |k|) of the first sample with rel > tau, scanning outward from k=0."""
+    prev_k, prev_r = 0.0, 1.0  # the centre, rel_loss = 1 by definition
+    for k, r in zip(absk, rel, strict=True):
+        if not np.isfinite(r) or r > tau:
+            if not np.isfinite(r):
+                return float(k), float(k)
+            return float(k), float(prev_k + (tau - prev_r) / (r - prev_r) * (k - prev_k))
+        prev_k, prev_r = float(k), float(r)
+    return math.inf, math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The SGD step decomposed along single directions
+# ----------------------------------------------------------------------------------------------
+def decomposed_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    theta: Tensor,
+    grads: Tensor,
+    E: Tensor,
+    eigenvalues: Tensor,
+    lr: float,
+    batches: Sequence[Batch],
+    *,
+    multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
+    n_random: int = 1,
+    generator: torch.Generator | int = 0,
+    chunk: int | None = None,
+) -> pd.DataFrame:
+    """Loss change from the SGD step restricted to one direction, for several step lengths.
+
+    For each mini-batch gradient g_m, direction d and multiplier a (η' = a·lr):
+    θ' = θ − η'(gᵀd)d for d = e_i or a random unit vector, and θ' = θ − η'g for "full" (the
+    whole step). All (k + R + 1)·len(multipliers)·M points are evaluated in chunked vmap calls.
+    On a quadratic with curvature λ_i along e_i and g the gradient of the measured loss, the
+    change is −η'(gᵀe_i)²(1 − η'λ_i/2): positive (the step overshoots the 1-D minimum) exactly
+    when ``eta_lambda_half`` = η'λ_i/2 > 1.
+
+    Args:
+        theta: (D,); grads: (M, D) mini-batch gradients at theta; E: (k, D) orthonormal;
+        eigenvalues: (k,) matching E's rows; lr: η; batches: the fixed subset for the loss.
+        n_random: R random unit directions (shared by all gradients), from ``generator``.
+
+    Returns:
+        One row per (gradient, direction, multiplier). Columns: ``grad`` (0..M-1),
+        ``direction`` ("e1".."ek", "rand1".."randR", "full"), ``kind`` ("eigen", "random",
+        "full"), ``rank`` (i, r, or 0 for full), ``multiplier`` (a), ``lr_eff`` (η' = a·lr),
+        ``eigenvalue`` (λ_i; NaN otherwise), ``eta_lambda_half`` (η'λ_i/2; NaN otherwise),
+        ``g_dot_d`` (gᵀd; for "full" d = g/‖g‖ so this is ‖g‖), ``loss_before`` (L(θ)),
+        ``loss_after`` (L(θ')), ``rel_change_pct`` (100·(L(θ')−L(θ))/L(θ), percent),
+        ``diverged`` (theta or that gradient not finite; values are then NaN).
+    """
+    theta = theta.detach()
+    grads = grads.detach().to(theta)
+    E = E.detach().to(theta)
+    k, dim = E.shape
+    M = grads.shape[0]
+    mult = [float(a) for a in multipliers]
+    A = len(mult)
+    lam = eigenvalues.detach().double().cpu().numpy().reshape(-1)
+    if lam.shape[0] != k:
+        raise ValueError(f"{lam.shape[0]} eigenvalues for {k} eigenvectors")
+    R = _random_unit_vectors(n_random, dim, generator, theta)
+    theta_ok = _is_finite(theta)
+    g_ok = torch.isfinite(grads).all(dim=1).cpu().numpy() & theta_ok
+
+    n_fixed = k + n_random
+    fixed = torch.cat([E, R])
+    proj = (grads.double() @ fixed.double().T).cpu().numpy()  # (M, k+R)
+    gnorm = grads.double().norm(dim=1).cpu().numpy()
+    g_dot = np.concatenate([proj, gnorm[:, None]], axis=1)  # (M, k+R+1)
+
+    # Point (m, j, a): θ + coef · dirs[idx], with dirs = [E; R; G] so "full" uses its own g_m.
+    a_arr = np.asarray(mult)
+    coef = np.empty((M, n_fixed + 1, A))
+    coef[:, :n_fixed, :] = -lr * a_arr[None, None, :] * proj[:, :, None]
+    coef[:, n_fixed, :] = -lr * a_arr[None, :]
+    idx = np.empty((M, n_fixed + 1, A), dtype=np.int64)
+    idx[:, :n_fixed, :] = np.arange(n_fixed)[None, :, None]
+    idx[:, n_fixed, :] = n_fixed + np.arange(M)[:, None]
+
+    if theta_ok:
+        base = float(loss_at(model, loss_fn, theta, batches, chunk=chunk)[0])
+        keep = np.repeat(g_ok, (n_fixed + 1) * A)  # skip points built from non-finite gradients
+        after = np.full(keep.shape[0], np.nan)
+        if keep.any():
+            dirs = torch.cat([fixed, torch.nan_to_num(grads)])
+            after[keep] = _losses_along(
+                model, loss_fn, theta, dirs,
+                torch.from_numpy(idx.reshape(-1)[keep]).to(theta.device),
+                torch.from_numpy(coef.reshape(-1)[keep]), batches, chunk,
+            ).cpu().numpy()
+    else:
+        base = math.nan
+        after = np.full(M * (n_fixed + 1) * A, np.nan)
+
+    names = [f"e{i + 1}" for i in range(k)] + [f"rand{r + 1}" for r in range(n_random)] + ["full"]
+    kinds = ["eigen"] * k + ["random"] * n_random + ["full"]
+    ranks = np.array([*range(1, k + 1), *range(1, n_random + 1), 0], dtype=np.int64)
+    eig = np.concatenate([lam, np.full(n_random + 1, np.nan)])
+    n_d = n_fixed + 1
+    rep = n_d * A
+    lr_eff = lr * np.tile(a_arr, M * n_d)
+    diverged = np.repeat(~g_ok, rep)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = 100.0 * (after - base) / base
+    g_dot_rows = np.repeat(g_dot.reshape(-1), A)
+    g_dot_rows[diverged] = np.nan
+    return pd.DataFrame({
+        "grad": np.repeat(np.arange(M, dtype=np.int64), rep),
+        "direction": np.tile(np.repeat(names, A), M),
+        "kind": np.tile(np.repeat(kinds, A), M),
+        "rank": np.tile(np.repeat(ranks, A), M),
+        "multiplier": np.tile(a_arr, M * n_d),
+        "lr_eff": lr_eff,
+        "eigenvalue": np.tile(np.repeat(eig, A), M),
+        "eta_lambda_half": lr_eff * np.tile(np.repeat(eig, A), M) / 2.0,
+        "g_dot_d": g_dot_rows,
+        "loss_before": np.full(M * rep, base),
+        "loss_after": after,
+        "rel_change_pct": rel,
+        "diverged": diverged,
+    })
+
+
+def summarise_decomposed(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over the M gradients of :func:`decomposed_step`'s relative loss change.
+
+    Group keys: any of ``run``/``step``/``epoch`` present, then ``direction``, ``kind``, ``rank``,
+    ``multiplier``. Columns added: ``lr_eff``, ``eigenvalue``, ``eta_lambda_half`` (constant in a
+    group), ``mean_pct``, ``std_pct`` (sample std, ddof=1), ``sem_pct`` (std/√n), ``n`` (finite
+    values used), ``frac_up`` (fraction of gradients whose step raised the loss), ``diverged``
+    (any row of the group diverged). NaN values are skipped.
+    """
+    keys = [c for c in _ID_COLUMNS if c in df.columns] + ["direction", "kind", "rank", "multiplier"]
+    g = df.groupby(keys, sort=False, dropna=False)
+    out = g.agg(
+        lr_eff=("lr_eff", "first"),
+        eigenvalue=("eigenvalue", "first"),
+        eta_lambda_half=("eta_lambda_half", "first"),
+        mean_pct=("rel_change_pct", "mean"),
+        std_pct=("rel_change_pct", "std"),
+        n=("rel_change_pct", "count"),
+        frac_up=("rel_change_pct", lambda s: float((s.dropna() > 0).mean()) if s.notna().any() else math.nan),
+        diverged=("diverged", "any"),
+    ).reset_index()
+    out.insert(out.columns.get_loc("std_pct") + 1, "sem_pct", out["std_pct"] / np.sqrt(out["n"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Escape ablation: SGD with the e1 component of the step edited
+# ----------------------------------------------------------------------------------------------
+def escape_ablation(
+    model: nn.Module,
+    loss_fn: LossFn,
+    theta: Tensor,
+    e1: Tensor,
+    batch_iter: Iterator[Batch],
+    *,
+    lr: float,
+    steps: int,
+    mode: Mode,
+    factor: float = 1.0,
+    eval_batches: Sequence[Batch],
+    eval_every: int,
+    lambda_max_fn: Callable[[Tensor], float] | None = None,
+    e1_fn: Callable[[Tensor], Tensor] | None = None,
+    refresh_every: int | None = None,
+) -> pd.DataFrame:
+    """Continue plain SGD from ``theta`` with the step's component along e1 edited.
+
+    With g the mini-batch gradient, s = −lr·g the plain step and e the current e1 (unit):
+
+    - ``"none"``: θ += s (plain SGD, the control);
+    - ``"remove"``: θ += s − (sᵀe)e  (no motion along e);
+    - ``"isolate"``: θ += (sᵀe)e  (motion along e only);
+    - ``"rescale"``: θ += s + (factor − 1)(sᵀe)e  (factor=1 is "none", factor=0 is "remove");
+    - ``"freeze"``: the coordinate of θ along the INITIAL e1 is held at its initial value: the
+      step is "remove" along the initial e1, which is never refreshed, and after each step any
+      drift of (θ − θ0)ᵀe1 (floating-point round-off) is projected back out. Without refreshing,
+      "freeze" and "remove" are the same dynamics; they differ when ``e1_fn`` refreshes the
+      direction that "remove" (and "isolate", "rescale") act on while "freeze" keeps the
+      initial one.
+
+    Refreshing: if ``e1_fn`` is given, e is replaced by ``e1_fn(θ)`` (normalised) before the step
+    at every step t > 0 with t % refresh_every == 0 (not in "freeze"). Give both or neither.
+
+    Args:
+        theta: (D,) start (a copy is updated; the model is not touched).
+        e1: (D,) top eigenvector at ``theta``.
+        batch_iter: yields the training mini-batches, one per step; running out raises ValueError.
+        lr: SGD learning rate; steps: number of SGD updates.
+        eval_batches: fixed subset for the tracked loss (exact example weighting).
+        eval_every: evaluate after every ``eval_every`` updates (plus at 0 and at ``steps``).
+        lambda_max_fn: θ (D,) -> λ_max, e.g. a Lanczos call; None gives NaN.
+
+    Returns:
+        One row per evaluation. Columns: ``step`` (updates done), ``loss`` (mean loss on
+        ``eval_batches``), ``lambda_max``, ``mode``, ``factor`` (the multiplier the mode applies
+        to the e1 component: 1 for "none" and "isolate", 0 for "remove" and "freeze", the
+        argument for "rescale"), ``lr``, ``e1_coord`` ((θ − θ0)ᵀe1 along the initial e1),
+        ``dist_from_start`` (‖θ − θ0‖), ``diverged`` (θ has become non-finite; values NaN from
+        then on and training stops).
+    """
+    if mode not in ("none", "remove", "isolate", "freeze", "rescale"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if (e1_fn is None) != (refresh_every is None):
+        raise ValueError("give both e1_fn and refresh_every, or neither")
+    if eval_every < 1 or steps < 0:
+        raise ValueError("eval_every must be >= 1 and steps >= 0")
+    theta0 = theta.detach().clone()
+    th = theta0.clone()
+    e0 = e1.detach().to(th)
+    e0 = e0 / e0.norm()
+    e = e0.clone()
+    g1 = grad(_flat_loss(model, loss_fn))
+    eff = {"none": 1.0, "remove": 0.0, "freeze": 0.0, "isolate": 1.0, "rescale": float(factor)}[mode]
+    diverged = not _is_finite(th)
+
+    rows: list[dict] = []
+
+    def record(step: int) -> None:
+        if diverged:
+            loss = lam = coord = dist = math.nan
+        else:
+            loss = float(loss_at(model, loss_fn, th, eval_batches)[0])
+            lam = float(lambda_max_fn(th.clone())) if lambda_max_fn is not None else math.nan
+            delta = (th - theta0).double()
+            coord, dist = float(delta @ e0.double()), float(delta.norm())
+        rows.append({"step": step, "loss": loss, "lambda_max": lam, "mode": mode, "factor": eff,
+                     "lr": float(lr), "e1_coord": coord, "dist_from_start": dist, "diverged": diverged})
+
+    record(0)
+    for t in range(steps):
+        if not diverged:
+            if e1_fn is not None and refresh_every is not None and mode != "freeze" and t > 0 \
+                    and t % refresh_every == 0:
+                e = e1_fn(th.clone()).detach().to(th)
+                e = e / e.norm()
+            try:
+                x, y = next(batch_iter)
+            except StopIteration:
+                raise ValueError(f"batch_iter ran out after {t} of {steps} steps") from None
+            step = -lr * g1(th, x.to(th.device), y.to(th.device)).detach()
+            along = (step @ e) * e
+            if mode in ("remove", "freeze"):
+                step = step - along
+            elif mode == "isolate":
+                step = along
+            elif mode == "rescale":
+                step = step + (factor - 1.0) * along
+            th = th + step
+            if mode == "freeze":
+                th = th - ((th - theta0) @ e0) * e0
+            diverged = not _is_finite(th)
+        if (t + 1) % eval_every == 0 or t + 1 == steps:
+            record(t + 1)
+    cols = ["step", "loss", "lambda_max", "mode", "factor", "lr", "e1_coord", "dist_from_start", "diverged"]
+    return pd.DataFrame(rows, columns=cols)
