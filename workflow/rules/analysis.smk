@@ -12,9 +12,11 @@ rule spectrum:
     params:
         spectrum=lambda w: dump_json(spectrum_config(CFG, w.run)),
         run=run_json,
-        data=lambda w: f"{R}/data/{RUNS[w.run].dataset}",
+        data=lambda w, input: parent(input.data[0]),
         previous=lambda w, input: f"--previous {input.previous[0]}" if input.previous else "",
         version=FORMAT_VERSION["spectrum"],
+    conda:
+        ENV
     log:
         f"{R}/logs/spectrum/{{run}}/step{{step}}.log",
     threads: RES.spectrum.threads
@@ -39,9 +41,11 @@ rule project:
     params:
         project=lambda w: dump_json(project_config(CFG, w.run)),
         run=run_json,
-        data=lambda w: f"{R}/data/{RUNS[w.run].dataset}",
-        out=lambda w: f"{R}/runs/{w.run}/project",
+        data=lambda w, input: parent(input.data[0]),
+        out=lambda w, output: parent(output[0], 2),
         version=FORMAT_VERSION["project"],
+    conda:
+        ENV
     log:
         f"{R}/logs/project/{{run}}/step{{step}}.log",
     threads: RES.project.threads
@@ -55,16 +59,6 @@ rule project:
         "--eigvecs {input.eigvecs:q} --out-dir {params.out:q} 2> {log:q}"
 
 
-def per_checkpoint(kind):
-    def inputs(wildcards):
-        steps = STEPS[wildcards.run]
-        if kind == "spectrum":
-            return [f"{R}/runs/{wildcards.run}/spectrum/step{s:08d}.parquet" for s in steps]
-        return [f"{R}/runs/{wildcards.run}/project/{kind}/step{s:08d}.parquet" for s in steps]
-
-    return inputs
-
-
 for _kind in ["spectrum", *PROJECT_KINDS]:
 
     rule:
@@ -74,6 +68,8 @@ for _kind in ["spectrum", *PROJECT_KINDS]:
             per_checkpoint(_kind),
         output:
             f"{R}/runs/{{run}}/{_kind}.parquet",
+        conda:
+            ENV
         log:
             f"{R}/logs/aggregate/{{run}}/{_kind}.log",
         localrule: True

@@ -67,7 +67,30 @@ def previous_eigvecs(wildcards):
 
 
 def rule_name(prefix, run):
-    return prefix + "_" + run.replace("-", "__").replace(".", "p")
+    safe = run.replace("-", "__").replace(".", "p")
+    return f"{prefix}_{safe}"
+
+
+def per_checkpoint(kind):
+    """Input function: a run's per-checkpoint tables of one kind, in step order."""
+
+    def inputs(wildcards):
+        steps = STEPS[wildcards.run]
+        if kind == "spectrum":
+            return [f"{R}/runs/{wildcards.run}/spectrum/step{s:08d}.parquet" for s in steps]
+        return [f"{R}/runs/{wildcards.run}/project/{kind}/step{s:08d}.parquet" for s in steps]
+
+    return inputs
+
+
+def parent(path, levels=1):
+    """Parameter helper: a directory derived from an input or output path (lint-friendly)."""
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
+
+
+ENV = "../envs/sharpflow.yaml"
 
 
 PROJECT_KINDS = ["alignment", "cross_sections", "widths", "decomposed"]

@@ -6,8 +6,10 @@ rule prepare:
         data_files("{dataset}"),
     params:
         dataset=lambda w: dump_json(CFG.datasets[w.dataset]),
-        out=lambda w: f"{R}/data/{w.dataset}",
+        out=lambda w, output: parent(output[0]),
         version=FORMAT_VERSION["prepare"],
+    conda:
+        ENV
     log:
         f"{R}/logs/prepare/{{dataset}}.log",
     resources:

@@ -14,9 +14,11 @@ for _run, _rc in RUNS.items():
             run=dump_json(_rc),
             dataset=dump_json(CFG.datasets[_rc.dataset]),
             name=_run,
-            data=f"{R}/data/{_rc.dataset}",
-            out=f"{R}/runs/{_run}",
+            data=lambda w, input: parent(input[0]),
+            out=lambda w, output: parent(output.metrics),
             version=FORMAT_VERSION["train"],
+        conda:
+            ENV
         log:
             f"{R}/logs/train/{_run}.log",
         threads: RES.train.threads
