@@ -121,3 +121,46 @@ def test_step_schedule(tiny_data, tiny_dataset, tmp_path):
     df = _train(run, tiny_dataset, tiny_data, tmp_path)
     lrs = df[df.split == "batch"].set_index("step").lr
     assert lrs[15] == 0.1 and lrs[16] == 0.05
+
+
+def _nsgd(**over):
+    base = {"optimizer__name": "nsgd", "optimizer__nsgd": {"gamma": 0.1, "k": 3, "refresh_every_steps": 10}}
+    base.update(over)
+    return tiny_run(**base)
+
+
+def test_nsgd_training_refreshes_the_subspace_and_logs_its_cost(tiny_data, tiny_dataset, tmp_path):
+    df = _train(_nsgd(), tiny_dataset, tiny_data, tmp_path)
+    batch = df[df.split == "batch"]
+    refreshed = batch[batch.refresh_matvecs.notna()]
+    assert refreshed.step.tolist() == [0, 10, 20, 30]
+    assert (refreshed.refresh_matvecs > 0).all() and (refreshed.refresh_s > 0).all()
+    # warm starts from the previous subspace need fewer products than the cold start
+    assert refreshed.refresh_matvecs.iloc[1:].mean() <= refreshed.refresh_matvecs.iloc[0]
+
+
+def test_nsgd_gamma_one_is_sgd(tiny_data, tiny_dataset, tmp_path):
+    sgd = _train(tiny_run(), tiny_dataset, tiny_data, tmp_path / "sgd")
+    nsgd = _train(_nsgd(optimizer__nsgd={"gamma": 1.0, "k": 3, "refresh_every_steps": 10}), tiny_dataset,
+                  tiny_data, tmp_path / "nsgd")
+    _same_checkpoints(tmp_path / "sgd", tmp_path / "nsgd")
+    cols = ["step", "split", "loss", "accuracy"]
+    pd.testing.assert_frame_equal(sgd[cols], nsgd[cols])
+
+
+def test_nsgd_resume_between_refreshes_is_bitwise_identical(tiny_data, tiny_dataset, tmp_path):
+    run = _nsgd(optimizer__momentum=0.5)
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=17)  # last resume state at step 16
+    again = _train(run, tiny_dataset, tiny_data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
+def test_nsgd_random_subspace_control(tiny_data, tiny_dataset, tmp_path):
+    run = _nsgd(optimizer__nsgd={"gamma": 0.0, "k": 3, "subspace": "random"})
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    refreshed = df[(df.split == "batch") & df.refresh_matvecs.notna()]
+    assert refreshed.step.tolist() == [0, 16, 32]  # once per epoch by default
+    assert (refreshed.refresh_matvecs == 0).all()
