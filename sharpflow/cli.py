@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", required=True, help="figure spec as JSON (studies, runs, style)")
     sp.add_argument("--out-pdf", required=True, type=Path)
     sp.add_argument("--out-png", required=True, type=Path)
-    sp.add_argument("inputs", nargs="*", type=Path)
+    sp.add_argument("inputs", nargs="+", type=Path, help="the aggregated tables to read")
     sp.set_defaults(func=cmd_figure)
 
     sp = sub.add_parser("table", help="make one table (Markdown + LaTeX + CSV)")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-md", required=True, type=Path)
     sp.add_argument("--out-tex", required=True, type=Path)
     sp.add_argument("--out-csv", required=True, type=Path)
-    sp.add_argument("inputs", nargs="*", type=Path)
+    sp.add_argument("inputs", nargs="+", type=Path, help="the aggregated tables to read")
     sp.set_defaults(func=cmd_table)
 
     sp = sub.add_parser("check", help="validate a config file and list its runs")

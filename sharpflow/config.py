@@ -52,7 +52,7 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 Name = Annotated[str, Field(pattern=NAME_RE.pattern)]
@@ -296,15 +296,19 @@ class ResourcesConfig(Strict):
 
 
 class FigureConfig(Strict):
-    studies: list[Name] = Field(default_factory=list, description="Studies the figure shows.")
+    """One figure (or table): its kind (the plotting module), the studies it shows, its style."""
+
+    kind: str = Field(description="Figure kind: evolution, grid, fullbatch, alignment, cross_sections, "
+                      "decomposed, escape, nsgd (tables: nsgd, peak).")
+    studies: list[Name] = Field(min_length=1, description="Studies the figure shows.")
     style: dict[str, Any] = Field(default_factory=dict, description="Style options of this figure.")
 
 
 class Config(Strict):
     results: str = Field("results", description="Root of every output.")
-    datasets: dict[Name, DatasetConfig]
+    datasets: dict[Name, DatasetConfig] = Field(min_length=1)
     defaults: dict[str, Any] = Field(default_factory=dict)
-    studies: dict[Name, StudyConfig]
+    studies: dict[Name, StudyConfig] = Field(min_length=1)
     spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     figures: dict[Name, FigureConfig] = Field(default_factory=dict)
@@ -317,11 +321,19 @@ class Config(Strict):
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
-        for kind, items in (("figures", self.figures), ("tables", self.tables)):
+        from . import figures, tables
+
+        for section, items, known in (("figures", self.figures, figures.KINDS), ("tables", self.tables, tables.KINDS)):
             for name, fig in items.items():
+                if fig.kind not in known:
+                    raise ValueError(f"{section}.{name}.kind: unknown kind {fig.kind!r}; known: {', '.join(known)}")
                 for s in fig.studies:
                     if s not in self.studies:
-                        raise ValueError(f"{kind}.{name}: unknown study {s!r}")
+                        raise ValueError(f"{section}.{name}: unknown study {s!r}")
+                    needs_analysis = set(known[fig.kind]) - {"metrics"}
+                    if needs_analysis and not self.studies[s].analyse:
+                        raise ValueError(f"{section}.{name}: {fig.kind} needs the spectrum/project tables, but "
+                                         f"study {s!r} has analyse: false")
         return self
 
 
@@ -470,8 +482,9 @@ def checkpoint_steps(run: RunConfig, dataset: DatasetConfig) -> list[int]:
 def _format_errors(err: ValidationError) -> str:
     msgs = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        # repr() keys with control characters, so the message stays one readable line
+        loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in e["loc"]) or "(top level)"
+        msg = " ".join(e["msg"].removeprefix("Value error, ").split())
         msgs.append(f"{loc}: {msg}")
     return "; ".join(msgs)
 

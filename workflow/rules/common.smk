@@ -15,7 +15,14 @@ from sharpflow.config import (
     parse_config,
     project_config,
     spectrum_config,
+    steps_per_epoch,
 )
+import json
+
+
+def dump_json_dict(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
 
 # No `configfile:` directive: Snakemake would merge it with a --configfile, mixing the
 # default study into the paper's. An empty config means the embedded default.
@@ -94,3 +101,60 @@ ENV = "../envs/sharpflow.yaml"
 
 
 PROJECT_KINDS = ["alignment", "cross_sections", "widths", "decomposed"]
+
+
+# ------------------------------------------------------------------------ figures and tables
+from sharpflow.figures import KINDS as FIGURE_KINDS
+from sharpflow.tables import KINDS as TABLE_KINDS
+
+
+def run_outputs(run):
+    """What `rule all` wants of one run: metrics, and its aggregated analyses if analysed."""
+    out = [f"{R}/runs/{run}/metrics.parquet"]
+    if run in ANALYSED:
+        out.append(f"{R}/runs/{run}/spectrum.parquet")
+        if project_config(CFG, run).enabled:
+            out += [f"{R}/runs/{run}/{kind}.parquet" for kind in PROJECT_KINDS]
+    return out
+
+
+def study_runs(studies):
+    return [run for run in RUNS if run.split("-", 1)[0] in studies]
+
+
+def presentation_inputs(item, table_kinds):
+    """The aggregated tables a figure or table reads: exactly its studies' runs' files."""
+    return [f"{R}/runs/{run}/{t}.parquet" for run in study_runs(item.studies) for t in table_kinds]
+
+
+def code_inputs(package, kind):
+    """The plotting code a figure or table depends on: its own module and the shared ones."""
+    mod = __import__(f"sharpflow.{package}", fromlist=["MODULES"])
+    names = [mod.MODULES[kind], *mod.SHARED_MODULES]
+    return [os.path.relpath(os.path.join(mod.DIRECTORY, n), workflow.basedir) for n in names]
+
+
+def caption(package, kind):
+    mod = __import__(f"sharpflow.{package}", fromlist=["CAPTIONS"])
+    return os.path.join(workflow.basedir, mod.CAPTIONS[kind])
+
+
+def presentation_spec(item):
+    """The figure/table spec passed as params: its own config plus what it needs of each run."""
+    runs = {}
+    for run in study_runs(item.studies):
+        rc = RUNS[run]
+        ns = rc.optimizer.nsgd
+        runs[run] = {
+            "study": run.split("-", 1)[0],
+            "lr": rc.optimizer.lr,
+            "batch_size": rc.optimizer.batch_size,
+            "momentum": rc.optimizer.momentum,
+            "optimizer": rc.optimizer.name,
+            "gamma": ns.gamma if ns else None,
+            "k": ns.k if ns else None,
+            "subspace": ns.subspace if ns else None,
+            "seed": rc.seed,
+            "steps_per_epoch": steps_per_epoch(rc, CFG.datasets[rc.dataset]),
+        }
+    return dump_json_dict({**item.model_dump(mode="json"), "runs": runs})

@@ -1,14 +1,66 @@
-# figure / table: one rule each, reading only the aggregated tables they show. Gathered by
-# `snakemake --report`.
-
-
-def run_outputs(run):
-    out = [f"{R}/runs/{run}/metrics.parquet"]
-    if run in ANALYSED:
-        out.append(f"{R}/runs/{run}/spectrum.parquet")
-        if project_config(CFG, run).enabled:
-            out += [f"{R}/runs/{run}/{kind}.parquet" for kind in PROJECT_KINDS]
-    return out
-
+# figure / table: one rule each, reading only the aggregated tables it shows plus its own
+# plotting module, so editing one plotting module reruns only the figures of that kind.
+# `snakemake --report` gathers every figure and table with its caption.
 
 ALL_TARGETS = [path for run in RUNS for path in run_outputs(run)]
+
+for _name, _fig in CFG.figures.items():
+
+    rule:
+        name:
+            f"figure_{_name}"
+        input:
+            tables=presentation_inputs(_fig, FIGURE_KINDS[_fig.kind]),
+            code=code_inputs("figures", _fig.kind),
+        output:
+            pdf=f"{R}/figures/{_name}.pdf",
+            png=report(
+                f"{R}/figures/{_name}.png",
+                caption=caption("figures", _fig.kind),
+                category="Figures",
+                labels={"figure": _name, "kind": _fig.kind},
+            ),
+        params:
+            spec=presentation_spec(_fig),
+            kind=_fig.kind,
+        conda:
+            ENV
+        log:
+            f"{R}/logs/figure/{_name}.log",
+        localrule: True
+        shell:
+            "sharpflow figure {params.kind} --spec {params.spec:q} --out-pdf {output.pdf:q} "
+            "--out-png {output.png:q} {input.tables:q} 2> {log:q}"
+
+    ALL_TARGETS += [f"{R}/figures/{_name}.pdf", f"{R}/figures/{_name}.png"]
+
+for _name, _tab in CFG.tables.items():
+
+    rule:
+        name:
+            f"table_{_name}"
+        input:
+            tables=presentation_inputs(_tab, TABLE_KINDS[_tab.kind]),
+            code=code_inputs("tables", _tab.kind),
+        output:
+            md=f"{R}/tables/{_name}.md",
+            tex=f"{R}/tables/{_name}.tex",
+            csv=report(
+                f"{R}/tables/{_name}.csv",
+                caption=caption("tables", _tab.kind),
+                category="Tables",
+                labels={"table": _name, "kind": _tab.kind},
+            ),
+        params:
+            spec=presentation_spec(_tab),
+            kind=_tab.kind,
+        conda:
+            ENV
+        log:
+            f"{R}/logs/table/{_name}.log",
+        localrule: True
+        shell:
+            "sharpflow table {params.kind} --spec {params.spec:q} --out-md {output.md:q} "
+            "--out-tex {output.tex:q} --out-csv {output.csv:q} {input.tables:q} 2> {log:q}"
+
+    ALL_TARGETS += [f"{R}/tables/{_name}.{ext}" for ext in ("md", "tex", "csv")]

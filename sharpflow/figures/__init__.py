@@ -1,0 +1,101 @@
+"""Figures: one module per figure kind, each reading only the aggregated Parquet tables it plots.
+
+This package is imported by the Snakefile, so its top level stays light: no matplotlib, pandas or
+torch here. :func:`draw` imports the plotting module of the requested kind only when called.
+
+Figure kinds (module, tables read):
+
+- ``evolution`` (evolution.py; metrics, spectrum): top-K eigenvalues vs step with an early-phase
+  zoom and train/test accuracy, one row of panels per run (paper Fig. 1 right / Fig. 2).
+- ``grid`` (grid.py; spectrum): λ1 and λ2 on a log scale vs epoch per run, coloured by the swept
+  η or S, with the 2/η stability line and the early phase shaded (paper Fig. 4).
+- ``fullbatch`` (fullbatch.py; metrics, spectrum): spectrum and accuracy of full-batch runs,
+  divergence marked (paper Fig. 3).
+- ``alignment`` (alignment.py; alignment, metrics): mean |cos(g, e_i)|, i ≤ 5, vs training
+  accuracy and vs epoch, with the random-direction baseline (paper Fig. 5).
+- ``cross_sections`` (cross_sections.py; cross_sections): loss along e1, e3, e5 and a random
+  direction vs k (in projected SGD steps), coloured by epoch.
+- ``decomposed`` (decomposed.py; decomposed): relative loss change of the step projected on single
+  directions, with η'·λ_i/2 beside it.
+- ``escape`` (escape.py; escape): loss and λ_max vs iteration per ablation mode.
+- ``nsgd`` (nsgd.py; metrics, spectrum): λ_max and validation accuracy per γ (or per K for a
+  K-ablation), mean over seeds with a min/max band, SGD baselines dashed.
+
+Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
+the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
+diverged runs are drawn up to their divergence and marked with a × and "(diverged)".
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+#: figure kind -> the table kinds (file stems) it reads.
+KINDS: dict[str, tuple[str, ...]] = {
+    "evolution": ("metrics", "spectrum"),
+    "grid": ("spectrum",),
+    "fullbatch": ("metrics", "spectrum"),
+    "alignment": ("alignment", "metrics"),
+    "cross_sections": ("cross_sections",),
+    "decomposed": ("decomposed",),
+    "escape": ("escape",),
+    "nsgd": ("metrics", "spectrum"),
+}
+
+#: figure kind -> its plotting module's file name (in this directory), a Snakemake input so that
+#: editing one module reruns only the figures of that kind.
+MODULES: dict[str, str] = {kind: f"{kind}.py" for kind in KINDS}
+
+#: modules every figure uses (loading, style); editing them changes every figure.
+SHARED_MODULES: tuple[str, ...] = ("_common.py", "style.py")
+
+#: figure kind -> its report caption, relative to the repository root.
+CAPTIONS: dict[str, str] = {kind: f"workflow/report/{kind}.rst" for kind in KINDS}
+
+#: the directory that holds the modules named in MODULES and SHARED_MODULES.
+DIRECTORY = Path(__file__).resolve().parent
+
+
+def code_files(kind: str) -> list[Path]:
+    """The source files whose edits should redraw figures of ``kind`` (for Snakemake inputs)."""
+    return [DIRECTORY / MODULES[kind], *(DIRECTORY / m for m in SHARED_MODULES)]
+
+
+def resolve_kind(kind: str, spec: dict[str, Any]) -> str:
+    """The figure kind to draw: ``kind`` if it is one, else ``spec["kind"]`` (a figure's name is
+    allowed as ``kind`` when the spec names the kind). Raises SharpflowError otherwise."""
+    from ..io import SharpflowError
+
+    declared = spec.get("kind")
+    if kind in KINDS:
+        if declared not in (None, kind):
+            raise SharpflowError(f"figure {kind!r}: the spec says kind {declared!r}")
+        return kind
+    if declared in KINDS:
+        return str(declared)
+    raise SharpflowError(f"unknown figure kind {declared or kind!r}; known: {', '.join(KINDS)}")
+
+
+def draw(kind: str, spec: dict[str, Any], inputs: list[Path], out_pdf: Path, out_png: Path) -> None:
+    """Draw one figure from its aggregated tables and write PDF and PNG atomically.
+
+    Args:
+        kind: a key of :data:`KINDS` (or a figure name, when ``spec["kind"]`` gives the kind).
+        spec: {"kind", "studies": [...], "style": {...}, "runs": {run_id: {"study", "lr",
+            "batch_size", "momentum", "optimizer", "gamma", "seed", "k"}}}. ``style`` options are
+            free; common ones: ``dpi`` (PNG, default 200), ``width`` (inches), ``max_runs``,
+            ``title``; per-kind options are documented in each module.
+        inputs: Parquet files ``…/runs/{run}/{table}.parquet`` (tables from ``KINDS[kind]``).
+        out_pdf, out_png: where the figure goes; both are replaced atomically.
+    """
+    from . import _common, style
+
+    kind = resolve_kind(kind, spec)
+    module = importlib.import_module(f"{__name__}.{MODULES[kind].removesuffix('.py')}")
+    opts = dict(spec.get("style") or {})
+    data = _common.load(inputs, KINDS[kind], spec)
+    with style.context():
+        fig = module.plot(data, opts) if not data.empty else style.no_data(kind, "no data: empty inputs")
+        style.save(fig, Path(out_pdf), Path(out_png), dpi=float(opts.get("dpi", style.DPI)))

@@ -1,0 +1,225 @@
+"""Loading a figure's input tables and the run bookkeeping every figure needs.
+
+Pure pandas; no matplotlib here (so the table code and tests can use it cheaply).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io import SharpflowError, read_parquet
+
+#: run fields of ``spec["runs"][run]`` that can distinguish runs, in the order in which a figure
+#: prefers to colour by them.
+SWEEP_KEYS: tuple[str, ...] = ("lr", "batch_size", "gamma", "k", "momentum", "optimizer", "seed")
+
+
+@dataclass
+class Data:
+    """A figure's inputs: one concatenated DataFrame per table kind, and the runs' settings.
+
+    Every table has a ``run`` column (the run directory's name) and a ``status`` column
+    ("ok" | "diverged" | "stopped"); rows from an analysis's own ``diverged`` flag count as
+    diverged too.
+    """
+
+    tables: dict[str, pd.DataFrame]
+    runs: list[str]
+    meta: dict[str, dict[str, Any]]
+    studies: list[str]
+
+    @property
+    def empty(self) -> bool:
+        return all(len(df) == 0 for df in self.tables.values())
+
+    def table(self, kind: str) -> pd.DataFrame:
+        return self.tables.get(kind, pd.DataFrame())
+
+    def rows(self, kind: str, run: str) -> pd.DataFrame:
+        df = self.table(kind)
+        if len(df) == 0:
+            return df
+        return df[df["run"] == run]
+
+    def runs_with(self, kind: str) -> list[str]:
+        df = self.table(kind)
+        present = set(df["run"]) if len(df) else set()
+        return [r for r in self.runs if r in present]
+
+    def value(self, run: str, key: str) -> Any:
+        """A run setting from the spec, with ``lr`` falling back to the metrics table."""
+        v = self.meta.get(run, {}).get(key)
+        if v is None and key == "lr":
+            met = self.rows("metrics", run)
+            if len(met) and "lr" in met and met["lr"].notna().any():
+                v = float(met["lr"].dropna().iloc[0])
+        return v
+
+    def study(self, run: str) -> str:
+        return str(self.meta.get(run, {}).get("study") or run.split("-", 1)[0])
+
+    def divergence(self, run: str) -> tuple[float, float] | None:
+        """(step, epoch) of the first diverged row of ``run`` in any table, or None."""
+        best: tuple[float, float] | None = None
+        for df in self.tables.values():
+            if len(df) == 0 or "step" not in df:
+                continue
+            d = df[(df["run"] == run) & (df["status"] == "diverged")]
+            if len(d):
+                i = d["step"].idxmin()
+                cand = (float(d.at[i, "step"]), float(d.at[i, "epoch"]) if "epoch" in d else math.nan)
+                if best is None or cand[0] < best[0]:
+                    best = cand
+        return best
+
+
+def sort_value(v: Any) -> tuple[int, float, str]:
+    """Sort key for mixed settings: numbers by value, "full" batch after every number, None last."""
+    if v is None:
+        return (2, 0.0, "")
+    if isinstance(v, bool):
+        return (0, float(v), "")
+    if isinstance(v, int | float):
+        return (0, float(v), "")
+    if v == "full":
+        return (0, math.inf, "")
+    return (1, 0.0, str(v))
+
+
+def load(inputs: Iterable[str | Path], kinds: Sequence[str], spec: dict[str, Any]) -> Data:
+    """Read ``…/runs/{run}/{kind}.parquet`` files into a :class:`Data`.
+
+    Raises SharpflowError for a file whose stem is not one of ``kinds`` (a wiring mistake that
+    would otherwise show up as a silently empty panel).
+    """
+    frames: dict[str, list[pd.DataFrame]] = {k: [] for k in kinds}
+    for p in map(Path, inputs):
+        if p.stem not in frames:
+            raise SharpflowError(
+                f"{p}: a {p.stem!r} table is not one of the tables read here ({', '.join(kinds)})"
+            )
+        df = read_parquet(p)
+        # The directory names the run; a table's own 'run' column may be missing or stale.
+        df = df.assign(run=p.parent.name)
+        if "status" not in df:
+            df["status"] = "ok"
+        df["status"] = df["status"].fillna("ok").astype(str)
+        if "diverged" in df:
+            flag = df["diverged"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+            df.loc[flag, "status"] = "diverged"
+        frames[p.stem].append(df)
+    tables = {}
+    for k, fs in frames.items():
+        nonempty = [f for f in fs if len(f)]
+        tables[k] = pd.concat(nonempty, ignore_index=True) if nonempty else pd.DataFrame()
+    meta: dict[str, dict[str, Any]] = {str(r): dict(m or {}) for r, m in (spec.get("runs") or {}).items()}
+    studies = [str(s) for s in spec.get("studies") or []]
+    present = sorted({r for df in tables.values() if len(df) for r in df["run"].unique()})
+
+    def order(run: str) -> tuple:
+        m = meta.get(run, {})
+        study = str(m.get("study") or run.split("-", 1)[0])
+        s_idx = studies.index(study) if study in studies else len(studies)
+        return (s_idx, study, *(sort_value(m.get(k)) for k in SWEEP_KEYS), run)
+
+    return Data(tables=tables, runs=sorted(present, key=order), meta=meta, studies=studies)
+
+
+def varying(data: Data, runs: Sequence[str], keys: Sequence[str] = SWEEP_KEYS) -> list[str]:
+    """The settings in ``keys`` that take more than one value among ``runs``."""
+    out = []
+    for k in keys:
+        vals = {repr(data.value(r, k)) for r in runs}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
+def steps_per_epoch(df: pd.DataFrame) -> float:
+    """Steps per epoch from a table's (step, epoch) pairs (NaN if it cannot be told)."""
+    if len(df) == 0 or "epoch" not in df:
+        return math.nan
+    d = df[(df["epoch"] > 0) & np.isfinite(df["epoch"])]
+    if len(d) == 0:
+        return math.nan
+    return float(np.median(d["step"].to_numpy(float) / d["epoch"].to_numpy(float)))
+
+
+def last_finite(x: np.ndarray, y: np.ndarray, before: float | None = None) -> tuple[float, float] | None:
+    """The last point with finite y (and x ≤ ``before`` if given), or None."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if before is not None:
+        ok &= x <= before
+    if not ok.any():
+        return None
+    i = np.flatnonzero(ok)[-1]
+    return float(x[i]), float(y[i])
+
+
+def style_list(opts: dict[str, Any], key: str, default: Sequence[Any]) -> list[Any]:
+    """A list-valued style option (a scalar is taken as a one-element list)."""
+    v = opts.get(key, default)
+    if isinstance(v, str | int | float):
+        return [v]
+    return list(v)
+
+
+# ------------------------------------------------------------------- NSGD vs SGD groups
+#: ("nsgd", γ, K) or ("sgd", η, None): the runs of a group differ only in seed.
+Group = tuple[str, float | None, float | None]
+
+
+def optimizer_of(data: Data, run: str) -> str:
+    opt = data.value(run, "optimizer")
+    if opt is None:
+        opt = "nsgd" if data.value(run, "gamma") is not None else "sgd"
+    return str(opt).lower()
+
+
+def group_runs(data: Data, runs: list[str]) -> dict[Group, list[str]]:
+    """Runs that differ only in seed share a group: NSGD by (γ, K), SGD by η."""
+    groups: dict[Group, list[str]] = {}
+    for r in runs:
+        if optimizer_of(data, r) == "nsgd":
+            g = data.value(r, "gamma")
+            k = data.value(r, "k")
+            key: Group = ("nsgd", None if g is None else float(g), None if k is None else float(k))
+        else:
+            lr = data.value(r, "lr")
+            key = ("sgd", None if lr is None else float(lr), None)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def group_order(key: Group) -> tuple:
+    """NSGD by γ then K ascending, then SGD baselines by η descending."""
+    kind, a, b = key
+    if kind == "nsgd":
+        return (0, math.inf if a is None else a, math.inf if b is None else b)
+    return (1, math.inf if a is None else -a, 0.0)
+
+
+def group_label(key: Group, by: list[str]) -> str:
+    kind, a, b = key
+    if kind == "sgd":
+        return f"SGD(η={a:g})" if a is not None else "SGD"
+    named = {"gamma": f"γ={a:g}" if a is not None else "γ=–", "k": f"K={b:g}" if b is not None else "K=–"}
+    parts = [named[k] for k in by if k in named]
+    return ", ".join(parts) if parts else (f"NSGD γ={a:g}" if a is not None else "NSGD")
+
+
+def label_keys(groups: dict[Group, list[str]], by: str | None) -> list[str]:
+    """Which of γ and K name the NSGD lines: the ones that vary (γ when neither does)."""
+    nsgd = [g for g in groups if g[0] == "nsgd"]
+    gammas, ks = {g[1] for g in nsgd}, {g[2] for g in nsgd}
+    keys = [k for k, vals in (("gamma", gammas), ("k", ks)) if len(vals) > 1]
+    if by in ("gamma", "k"):  # the requested one first, named even if it does not vary
+        keys = [by, *(k for k in keys if k != by)]
+    return keys or ["gamma"]

@@ -1,0 +1,84 @@
+"""``fullbatch``: curvature and accuracy of full-batch gradient descent (paper Fig. 3).
+
+Left: λ1 (solid) and λ2 (dashed) vs step on a log scale with the 2/η stability line (dotted);
+right: training (solid) and test (dashed) accuracy vs step. One colour per run (by η when η
+varies). Runs with ``batch_size == "full"`` are drawn; if the spec has none, all runs are. A run
+that diverged ends with a × and says "(diverged)" in the legend.
+
+Style options: ``max_runs`` (default 6), ``width``, ``title``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import style
+from ._common import Data, last_finite, varying
+
+
+def plot(data: Data, opts: dict[str, Any]) -> Figure:
+    runs = [r for r in data.runs if r in set(data.runs_with("spectrum")) | set(data.runs_with("metrics"))]
+    full = [r for r in runs if data.value(r, "batch_size") == "full"]
+    runs = (full or runs)[: int(opts.get("max_runs", 6))]
+    if not runs:
+        return style.no_data("fullbatch", "no spectrum or metrics rows")
+    _, colours = style.run_colours(data, runs)
+    keys = varying(data, runs)
+    fig = style.new_figure(float(opts.get("width", style.DOUBLE)), 2.6)
+    ax_s, ax_a = fig.subplots(1, 2)
+    handles = []
+    any_div = False
+    for run in runs:
+        c = colours[run]
+        div = data.divergence(run)
+        any_div |= div is not None
+        label = style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run), div is not None)
+        handles.append(style.style_handle(label, color=c, ls="-"))
+        sp = data.rows("spectrum", run)
+        for rank, ls, lw in ((1, "-", 1.4), (2, "--", 0.9)):
+            d = sp[sp["rank"] == rank].sort_values("step") if len(sp) else sp
+            if len(d) == 0:
+                continue
+            x, y = d["step"].to_numpy(float), d["eigenvalue"].to_numpy(float)
+            y = np.where(y > 0, y, np.nan)
+            ax_s.plot(x, y, ls=ls, lw=lw, color=c)
+            if rank == 1 and div is not None:
+                lf = last_finite(x, y, before=div[0])
+                style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
+        eta = data.value(run, "lr")
+        if eta:
+            ax_s.axhline(2.0 / float(eta), ls=":", lw=1.0, color=c)
+        met = data.rows("metrics", run)
+        for split, ls in (("train", "-"), ("test", "--")):
+            d = met[met["split"] == split].sort_values("step") if len(met) else met
+            if len(d) == 0:
+                continue
+            x, y = d["step"].to_numpy(float), 100 * d["accuracy"].to_numpy(float)
+            ax_a.plot(x, y, ls=ls, color=c)
+            if div is not None:
+                lf = last_finite(x, y, before=div[0])
+                style.mark_divergence(ax_a, div[0], lf[1] if lf else None, c)
+    if not ax_s.lines:
+        style.empty_panel(ax_s, "no spectrum")
+    else:
+        ax_s.set_yscale("log")
+        style.plain_log(ax_s)
+    if not ax_a.lines:
+        style.empty_panel(ax_a, "no metrics")
+    full_note = " (= epoch, full batch)" if full else ""
+    ax_s.set_xlabel(f"step{full_note}")
+    ax_s.set_ylabel(f"$\\lambda_1$, $\\lambda_2$ ({style.EIG_UNIT})")
+    ax_a.set_xlabel(f"step{full_note}")
+    ax_a.set_ylabel("accuracy (%)")
+    ax_s.legend(handles=[style.style_handle("$\\lambda_1$", ls="-"),
+                         style.style_handle("$\\lambda_2$", ls="--"),
+                         style.style_handle("2/η", ls=":")], loc="lower right")
+    extra = [style.style_handle("train", ls="-"), style.style_handle("test", ls="--")]
+    if any_div:
+        extra.append(style.diverged_handle())
+    ax_a.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    style.suptitle(fig, data, runs, opts, "Full-batch training")
+    return fig

@@ -1,0 +1,111 @@
+"""``grid``: λ1 and λ2 over training across an η or S sweep (paper Fig. 4).
+
+One panel per study. λ1 (solid) and λ2 (dashed) on a log scale vs epoch, one colour per value of
+the swept setting (detected: the first of η, S, momentum, γ, K, seed that differs among the
+study's runs); a dotted horizontal line at 2/η per learning rate (the stability limit of
+gradient descent on a quadratic with curvature λ: λ < 2/η); the early phase shaded, up to the
+epoch at which λ1 of the first run peaks, or up to ``style.early_epochs`` if given.
+
+Style options: ``early_epochs`` (float), ``stability_line`` (bool, default true), ``xscale``
+("linear" | "log" | "symlog", default "linear"), ``width``, ``title``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from . import style
+from ._common import Data, last_finite, varying
+
+
+def plot(data: Data, opts: dict[str, Any]) -> Figure:
+    runs = data.runs_with("spectrum")
+    if not runs:
+        return style.no_data("grid", "no spectrum rows")
+    studies: list[str] = []
+    for r in runs:
+        if data.study(r) not in studies:
+            studies.append(data.study(r))
+    n = len(studies)
+    ncols = min(n, 2)
+    nrows = -(-n // ncols)
+    width = float(opts.get("width", style.DOUBLE if ncols == 2 else 4.6))
+    fig = style.new_figure(width, 2.5 * nrows + 0.3)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, study in zip(axes, studies, strict=False):
+        _panel(ax, data, study, [r for r in runs if data.study(r) == study], opts)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    style.suptitle(fig, data, runs, opts, "$\\lambda_1$ and $\\lambda_2$ of the training-loss Hessian")
+    return fig
+
+
+#: the settings a grid sweeps, in the order in which one is picked for the colours.
+SWEPT = ("lr", "batch_size", "momentum", "gamma", "k", "seed")
+
+
+def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, Any]) -> None:
+    key, colours = style.run_colours(data, runs, prefer=SWEPT)
+    label_keys = varying(data, runs)
+    run_handles = []
+    any_div = False
+    first_peak: float | None = None
+    finite = False
+    for run in runs:
+        sp = data.rows("spectrum", run)
+        c = colours[run]
+        div = data.divergence(run)
+        any_div |= div is not None
+        label = style.run_label(data.meta.get(run, {}), label_keys, run)
+        label = style.diverged_label(label, div is not None)
+        drew = None
+        for rank, ls, lw in ((1, "-", 1.4), (2, "--", 1.0)):
+            d = sp[sp["rank"] == rank].sort_values("step")
+            if len(d) == 0:
+                continue
+            x, y = d["epoch"].to_numpy(float), d["eigenvalue"].to_numpy(float)
+            y = np.where(y > 0, y, np.nan)  # a log axis cannot show λ ≤ 0
+            finite |= bool(np.isfinite(y).any())
+            (h,) = ax.plot(x, y, ls=ls, lw=lw, color=c, label=label if rank == 1 else None)
+            if rank == 1:
+                drew = h
+                if first_peak is None and np.isfinite(y).any():
+                    first_peak = float(x[np.nanargmax(y)])
+                if div is not None:
+                    lf = last_finite(x, y, before=div[1])
+                    style.mark_divergence(ax, div[1], lf[1] if lf else None, c)
+        if drew is None:  # keep the run in the legend even with nothing drawable
+            drew = style.style_handle(label, color=c)
+        run_handles.append(drew)
+
+    extra = [style.style_handle("$\\lambda_1$", ls="-"), style.style_handle("$\\lambda_2$", ls="--")]
+    if opts.get("stability_line", True):
+        etas = sorted({float(v) for v in (data.value(r, "lr") for r in runs) if v is not None})
+        for eta in etas:
+            c = next((colours[r] for r in runs if key == "lr" and data.value(r, "lr") == eta), "0.3")
+            ax.axhline(2.0 / eta, ls=":", lw=1.0, color=c)
+        if etas:
+            extra.append(style.style_handle("2/η", ls=":"))
+    end = opts.get("early_epochs", first_peak)
+    if end is not None and float(end) > 0:
+        ax.axvspan(0, float(end), color="0.88", lw=0, zorder=0)
+        extra.append(Patch(color="0.88", label="early phase"))
+    if any_div:
+        extra.append(style.diverged_handle())
+
+    ax.set_yscale("log")
+    style.plain_log(ax)
+    if not finite:
+        ax.text(0.5, 0.5, "no finite positive eigenvalues", ha="center", va="center", color="0.4",
+                transform=ax.transAxes)
+    xscale = str(opts.get("xscale", "linear"))
+    ax.set_xscale(xscale, **({"linthresh": 1.0} if xscale == "symlog" else {}))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"$\\lambda_1$, $\\lambda_2$ ({style.EIG_UNIT})")
+    ax.set_title(f"{study}: swept {style.SYMBOL.get(key, key)}" if key else study, loc="left")
+    ax.legend(handles=run_handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))

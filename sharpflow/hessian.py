@@ -1,0 +1,697 @@
+"""Exact Hessian-vector products over a fixed set of examples, and certified top eigenpairs.
+
+The operator (:class:`HessianOperator`) is the Hessian of the mean training loss over N fixed
+examples, in the flat parameter coordinates of :mod:`sharpflow.params`. The solvers
+(:func:`top_eigenpairs`, :func:`frobenius_norm`, :func:`trace`) only need an object with
+``dim`` and ``matvec`` accepting a (D,) vector or a (D, m) block, so they work on
+:class:`DenseOperator` (tests, users) as well.
+
+Design choices, measured on a 288k-parameter CNN with 512 examples on 2 CPU cores (see
+``bench/hessian.py``):
+
+- HVPs are done in blocks: the gradient graph of each chunk is built once and reused for every
+  vector of the block (double backward), so a block of m vectors costs one forward/backward
+  with ``create_graph`` plus m second-order backward passes. Per vector that is ~2.1-2.3 gradients
+  for m ≈ 8-10 against ~2.9 for a lone vector. ``torch.func`` forward-over-reverse with ``vmap``
+  over the block is available (``method="fwd_rev"``) but its batching rules for convolutions are
+  slower on CPU, so ``"auto"`` picks double backward.
+- The eigensolver is a block Krylov method with explicit Rayleigh-Ritz over stored products
+  W = H V, full (twice-applied) reorthogonalisation and thick restarts. Keeping W makes every
+  reported residual ‖Hu − λu‖ a *true* residual, computed from actual Hessian products by
+  linearity (u = V s, Hu = W s), at no extra matvec, not an estimate from a recurrence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sharpflow.params import LossFn, buffers, flatten, loss_of_params, trainable, unflatten
+
+__all__ = [
+    "DenseOperator",
+    "EigenResult",
+    "HessianOperator",
+    "LinearOperator",
+    "frobenius_norm",
+    "top_eigenpairs",
+    "trace",
+]
+
+_METHODS = ("fwd_rev", "double_backward")
+# Measured fastest on CPU (module docstring); forward-over-reverse stays selectable.
+_AUTO_METHOD = "double_backward"
+
+
+class LinearOperator(Protocol):
+    """What the solvers need: a symmetric D×D operator applied to (D,) vectors or (D, m) blocks."""
+
+    dim: int
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+
+def _op_dtype(op: LinearOperator) -> torch.dtype:
+    return getattr(op, "dtype", torch.float64)
+
+
+def _op_device(op: LinearOperator) -> torch.device:
+    return torch.device(getattr(op, "device", "cpu"))
+
+
+class DenseOperator:
+    """A symmetric matrix as an operator: for tests, and for users with an explicit Hessian.
+
+    Args:
+        matrix: (D, D) symmetric tensor. Only its symmetric part is used by the solvers' theory;
+            it is applied as given.
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"need a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.dim = int(matrix.shape[0])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """(D,) -> (D,) or (D, m) -> (D, m); a block of m counts as m products."""
+        v = v.to(dtype=self.dtype, device=self.device)
+        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
+        return self.matrix @ v
+
+
+class HessianOperator:
+    """Hessian of the mean training loss over a fixed set of N examples (+ weight_decay/2 · ‖θ‖²).
+
+    The loss is L(θ) = Σ_b n_b · loss_fn(model(x_b), y_b) / N + weight_decay/2 · ‖θ‖², i.e. every
+    example has weight 1/N whatever the size of its batch (``loss_fn`` returns the batch mean).
+    θ is the model's trainable parameters (``requires_grad``) in ``named_parameters()`` order, taken
+    when the operator is built: later changes to the model do not affect the operator.
+
+    Args:
+        model: the network. It is deep-copied; the user's model is never modified (weights or mode).
+        loss_fn: ``loss_fn(logits, targets) -> mean loss over the batch`` (a 0-d tensor).
+        batches: the N examples as ``(x, y)`` tuples; they are moved to the parameters' device once.
+        weight_decay: adds ``weight_decay · v`` to every product.
+        eval_mode: run the copy in eval mode (BatchNorm running statistics, no dropout). With
+            ``eval_mode=False`` BatchNorm uses per-chunk statistics and dropout is random, so the
+            operator then depends on the chunking and is not deterministic.
+        chunk_size: if given, the examples are concatenated and re-split into chunks of at most
+            this many, bounding memory; the operator is the same up to float rounding.
+        method: ``"double_backward"`` (gradient graph built once per chunk and reused for all
+            vectors of a block), ``"fwd_rev"`` (``torch.func.jvp`` of ``torch.func.grad``, ``vmap``
+            over the block) or ``"auto"`` (the faster on CPU: double backward).
+
+    Attributes:
+        dim: D, number of trainable scalars.
+        num_examples: N.
+        matvecs: number of Hessian-vector products done so far (a block of m counts m).
+        dtype, device: those of the parameters; products are computed and returned in them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[tuple[Tensor, Tensor]],
+        *,
+        weight_decay: float = 0.0,
+        eval_mode: bool = True,
+        chunk_size: int | None = None,
+        method: str = "auto",
+    ) -> None:
+        if method == "auto":
+            method = _AUTO_METHOD
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {(*_METHODS, 'auto')}, got {method!r}")
+        if not batches:
+            raise ValueError("need at least one batch")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.method = method
+        self.weight_decay = float(weight_decay)
+
+        # A private copy: its mode can be set and BatchNorm buffers can change without touching
+        # the user's model.
+        self._model = copy.deepcopy(model)
+        self._model.train(not eval_mode)
+        self._like = {n: p.detach().clone() for n, p in trainable(self._model).items()}
+        if not self._like:
+            raise ValueError("the model has no trainable parameters")
+        first = next(iter(self._like.values()))
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self.dim: int = sum(p.numel() for p in self._like.values())
+        self._theta = flatten(self._like)
+        self._loss = loss_of_params(self._model, loss_fn)
+        # Buffers are read by loss_of_params as constants; keep a handle so they are not collected.
+        self._buffers = buffers(self._model)
+
+        xs = [x.to(self.device) for x, _ in batches]
+        ys = [y.to(self.device) for _, y in batches]
+        self.num_examples: int = sum(int(x.shape[0]) for x in xs)
+        if self.num_examples == 0:
+            raise ValueError("the batches hold no examples")
+        if chunk_size is not None:
+            xs = list(torch.cat(xs).split(chunk_size))
+            ys = list(torch.cat(ys).split(chunk_size))
+        # Each chunk's mean loss enters with weight n_c / N: exact example weighting.
+        self._chunks: list[tuple[Tensor, Tensor, float]] = [
+            (x, y, x.shape[0] / self.num_examples) for x, y in zip(xs, ys, strict=True) if x.shape[0] > 0
+        ]
+        self.matvecs: int = 0
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _leaves(self) -> dict[str, Tensor]:
+        """Fresh leaf tensors holding θ, so each chunk's graph is independent."""
+        return {n: p.detach().requires_grad_(True) for n, p in self._like.items()}
+
+    def _as_block(self, v: Tensor) -> tuple[Tensor, bool]:
+        if v.ndim not in (1, 2) or v.shape[0] != self.dim:
+            raise ValueError(f"expected shape ({self.dim},) or ({self.dim}, m), got {tuple(v.shape)}")
+        single = v.ndim == 1
+        v = v.to(dtype=self.dtype, device=self.device)
+        return (v[:, None] if single else v), single
+
+    # -- public API ----------------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v for a (D,) vector, or H V for a (D, m) block (m products); same shape out."""
+        block, single = self._as_block(v)
+        m = block.shape[1]
+        rows = block.T.contiguous()  # (m, D): one row per vector, contiguous for unflatten
+        out = torch.zeros_like(rows)
+        with torch.enable_grad():
+            for x, y, w in self._chunks:
+                if self.method == "double_backward":
+                    out.add_(self._hvp_double_backward(rows, x, y), alpha=w)
+                else:
+                    out.add_(self._hvp_fwd_rev(rows, x, y), alpha=w)
+        if self.weight_decay:
+            out.add_(rows, alpha=self.weight_decay)
+        self.matvecs += m
+        out = out.T
+        return out[:, 0] if single else out
+
+    def _hvp_double_backward(self, rows: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        params = self._leaves()
+        plist = list(params.values())
+        grads = torch.autograd.grad(self._loss(params, x, y), plist, create_graph=True)
+        # A gradient entry that does not depend on θ (e.g. a linear model's) has no graph: its
+        # Hessian rows are zero and it is left out of the second backward.
+        keep = [i for i, g in enumerate(grads) if g.requires_grad]
+        out = torch.zeros_like(rows)
+        if not keep:
+            return out
+        outputs = [grads[i] for i in keep]
+        m = rows.shape[0]
+        for j in range(m):
+            vs = list(unflatten(rows[j], self._like).values())
+            hv = torch.autograd.grad(
+                outputs,
+                plist,
+                grad_outputs=[vs[i] for i in keep],
+                retain_graph=j < m - 1,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            out[j] = flatten(list(hv))
+        return out
+
+    def _hvp_fwd_rev(self, rows: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        from torch.func import grad, jvp, vmap
+
+        params = {n: p.detach() for n, p in self._like.items()}
+        grad_fn = grad(lambda p: self._loss(p, x, y))
+
+        def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            return jvp(grad_fn, (params,), (v,))[1]
+
+        tangents = unflatten(rows, self._like)  # leading dim m
+        if rows.shape[0] == 1:
+            return flatten(hvp({n: t[0] for n, t in tangents.items()}))[None]
+        out = vmap(hvp)(tangents)
+        return torch.cat([t.reshape(rows.shape[0], -1) for t in out.values()], dim=1)
+
+    def _loss_and_grad(self) -> tuple[float, Tensor]:
+        total = 0.0
+        g = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            for x, y, w in self._chunks:
+                params = self._leaves()
+                loss = self._loss(params, x, y)
+                gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
+                g.add_(flatten(list(gs)), alpha=w)
+                total += w * float(loss.detach())
+        if self.weight_decay:
+            g.add_(self._theta, alpha=self.weight_decay)
+            total += 0.5 * self.weight_decay * float(self._theta.double().square().sum())
+        return total, g
+
+    def gradient(self) -> Tensor:
+        """∇L(θ), a (D,) vector, of the same loss (weight decay included)."""
+        return self._loss_and_grad()[1]
+
+    def loss(self) -> float:
+        """L(θ), the same loss (weight decay included)."""
+        total = 0.0
+        with torch.no_grad():
+            params = {n: p.detach() for n, p in self._like.items()}
+            for x, y, w in self._chunks:
+                total += w * float(self._loss(params, x, y))
+        if self.weight_decay:
+            total += 0.5 * self.weight_decay * float(self._theta.double().square().sum())
+        return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Eigenpairs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EigenResult:
+    """Top eigenpairs with their certificates.
+
+    Rows are ordered by the ``which`` criterion, best first: algebraically descending for "LA",
+    by magnitude descending for "LM". Eigenvalues are always signed.
+
+    Attributes:
+        eigenvalues: (k,) Rayleigh quotients uᵀHu of the returned vectors.
+        eigenvectors: (k, D) orthonormal rows u_i (to working precision).
+        residuals: (k,) ‖H u_i − λ_i u_i‖, from actual Hessian products (same units as λ).
+        rel_residuals: (k,) residual / max(|λ_i|, tiny).
+        converged: (k,) bool, rel_residual <= tol.
+        matvecs: Hessian-vector products spent (a block of m counts m), verification included.
+        seconds: wall time of the call.
+        backend: "lanczos" or "arpack".
+        which: "LA" or "LM".
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    rel_residuals: Tensor
+    converged: Tensor
+    matvecs: int
+    seconds: float
+    backend: str
+    which: str
+
+
+_TINY = 1e-30
+import os
+_DEBUG = bool(os.environ.get('SFDEBUG'))
+
+
+def _order(theta: Tensor, which: str) -> Tensor:
+    """Indices of Ritz values, best first for ``which``."""
+    key = theta if which == "LA" else theta.abs()
+    return torch.argsort(key, descending=True, stable=True)
+
+
+def _orthonormalize(x: Tensor, basis: Tensor, drop_tol: float) -> Tensor:
+    """Columns of ``x`` made orthonormal to ``basis`` (D, n) and to each other.
+
+    Classical Gram-Schmidt applied twice ("twice is enough") against the basis as two GEMMs, then
+    modified Gram-Schmidt with re-orthogonalisation inside the block. A column whose norm falls
+    below ``drop_tol`` times its norm before projection adds nothing new and is dropped.
+    """
+    norms0 = x.norm(dim=0).clamp_min(_TINY)
+    if basis.shape[1]:
+        for _ in range(2):
+            x = x - basis @ (basis.T @ x)
+    cols: list[Tensor] = []
+    for j in range(x.shape[1]):
+        c = x[:, j]
+        for _ in range(2):
+            for q in cols:
+                c = c - (q @ c) * q
+        nrm = c.norm()
+        if nrm > drop_tol * norms0[j]:
+            cols.append(c / nrm)
+    if not cols:
+        return x[:, :0]
+    return torch.stack(cols, dim=1)
+
+
+def _rows(v0: Tensor | None, dim: int) -> Tensor | None:
+    if v0 is None:
+        return None
+    v0 = v0.reshape(1, -1) if v0.ndim == 1 else v0
+    if v0.ndim != 2 or v0.shape[1] != dim:
+        raise ValueError(f"v0 must have shape ({dim},) or (k', {dim}), got {tuple(v0.shape)}")
+    return v0
+
+
+def _finish(
+    vecs: Tensor,
+    hvecs: Tensor,
+    tol: float,
+    which: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rayleigh quotients, residuals and order for columns u (D, k) with products Hu (D, k)."""
+    nrm = vecs.norm(dim=0).clamp_min(_TINY)
+    u = vecs / nrm
+    hu = hvecs / nrm
+    lam = (u * hu).sum(dim=0)
+    res = (hu - u * lam).norm(dim=0)
+    idx = _order(lam, which)
+    lam, u, res = lam[idx], u[:, idx], res[idx]
+    rel = res / lam.abs().clamp_min(_TINY)
+    return lam, u.T.contiguous(), res, rel, rel <= tol, idx
+
+
+def top_eigenpairs(
+    op: LinearOperator,
+    k: int,
+    tol: float = 1e-3,
+    v0: Tensor | None = None,
+    which: str = "LA",
+    backend: str = "lanczos",
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    max_basis: int | None = None,
+    verify: bool = False,
+) -> EigenResult:
+    """Top-k eigenpairs of a symmetric operator, with true residuals.
+
+    Args:
+        op: anything with ``dim`` and ``matvec`` taking (D,) and (D, m); ``dtype``/``device``
+            attributes are used when present (default float64 on the CPU).
+        k: number of eigenpairs.
+        tol: convergence when ‖Hu − λu‖ <= tol · |λ| for each of the k pairs.
+        v0: warm start: a (D,) vector or (k', D) rows, e.g. the eigenvectors at a nearby point.
+            The lanczos backend puts all rows into its first block; arpack uses their sum.
+        which: "LA" (largest algebraic) or "LM" (largest magnitude).
+        backend: "lanczos" (block Krylov, below) or "arpack" (``scipy.sparse.linalg.eigsh``).
+        max_matvecs: budget of products (default 1000 + 50k). When it runs out the current
+            pairs are returned with ``converged`` False where they are not, and a warning is
+            issued. For "arpack" the budget is mapped to ARPACK restarts, so it is approximate.
+        block_size: vectors per block product (lanczos); default ``min(k, 8)``.
+        seed: seed of the random start vectors.
+        progress: show a tqdm bar of products.
+        max_basis: lanczos basis size before a thick restart (default ``max(3k, k + 5b)``).
+        verify: recompute H u for the final vectors with k extra products, and report residuals
+            from those. Without it residuals come from the stored products H V by linearity,
+            which are true products as well; ``verify`` is an independent check.
+
+    Returns:
+        An :class:`EigenResult`.
+    """
+    if which not in ("LA", "LM"):
+        raise ValueError(f"which must be 'LA' or 'LM', got {which!r}")
+    if not 1 <= k <= op.dim:
+        raise ValueError(f"need 1 <= k <= dim={op.dim}, got k={k}")
+    if max_matvecs is None:
+        max_matvecs = 1000 + 50 * k
+    start = time.perf_counter()
+    if backend == "lanczos":
+        lam, vecs, res, rel, conv, count = _block_krylov(
+            op, k, tol, _rows(v0, op.dim), which, max_matvecs, block_size, max_basis, seed, progress, verify
+        )
+    elif backend == "arpack":
+        lam, vecs, res, rel, conv, count = _arpack(op, k, tol, _rows(v0, op.dim), which, max_matvecs, seed)
+    else:
+        raise ValueError(f"backend must be 'lanczos' or 'arpack', got {backend!r}")
+    return EigenResult(
+        eigenvalues=lam,
+        eigenvectors=vecs,
+        residuals=res,
+        rel_residuals=rel,
+        converged=conv,
+        matvecs=count,
+        seconds=time.perf_counter() - start,
+        backend=backend,
+        which=which,
+    )
+
+
+def _progress_bar(progress: bool, total: int) -> Callable[[int], None]:
+    if not progress:
+        return lambda n: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="hvp", desc="eigenpairs", leave=False)
+    return bar.update
+
+
+def _block_krylov(
+    op: LinearOperator,
+    k: int,
+    tol: float,
+    v0: Tensor | None,
+    which: str,
+    max_matvecs: int,
+    block_size: int | None,
+    max_basis: int | None,
+    seed: int,
+    progress: bool,
+    verify: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """Block Krylov eigensolver with explicit Rayleigh-Ritz and thick restart.
+
+    The basis V (D, n) is orthonormal; W = H V holds the products. Each step Rayleigh-Ritz on
+    T = Vᵀ W gives Ritz pairs (θ, u = V s) with Hu = W s exactly, so residuals are true ones. The
+    next block is the residuals of the best unconverged Ritz pairs: they lie in the next Krylov
+    block (R = (I − VVᵀ) W S), and converged pairs no longer spend products. When V is full it is
+    compressed to the best Ritz vectors (V ← V S, W ← W S), which costs no product.
+    """
+    dim = op.dim
+    dtype, device = _op_dtype(op), _op_device(op)
+    b = max(1, min(block_size or min(k, 8), dim))
+    nmax = min(dim, max_basis or max(3 * k, k + 5 * b))
+    if nmax < k + 1 and nmax < dim:
+        raise ValueError(f"max_basis={nmax} must exceed k={k}")
+    keep = min(nmax - b, max(k + b, (nmax + k) // 2))
+    # Columns with less than this fraction of their norm left after projection are noise.
+    drop_tol = 1e3 * torch.finfo(dtype).eps
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(m: int) -> Tensor:
+        return torch.randn(dim, m, generator=gen, dtype=dtype).to(device)
+
+    count = 0
+    tick = _progress_bar(progress, max_matvecs)
+    basis = torch.zeros(dim, 0, dtype=dtype, device=device)
+    prods = torch.zeros(dim, 0, dtype=dtype, device=device)
+    proj = torch.zeros(0, 0, dtype=torch.float64)  # T = Vᵀ H V, kept symmetric, float64
+
+    if v0 is not None:
+        x = v0.T.to(dtype=dtype, device=device)[:, : nmax - b]
+        if x.shape[1] < b:
+            x = torch.cat([x, randn(b - x.shape[1])], dim=1)
+    else:
+        x = randn(b)
+
+    hit_budget = False
+    while True:
+        x = _orthonormalize(x, basis, drop_tol)
+        if x.shape[1] == 0:  # the residual directions are all in span(V): refill at random
+            x = _orthonormalize(randn(b), basis, drop_tol)
+            if x.shape[1] == 0:
+                break  # V spans the whole space
+        x = x[:, : max(0, max_matvecs - count)]
+        if x.shape[1] == 0:
+            hit_budget = True
+            break
+        hx = op.matvec(x).to(dtype=dtype, device=device)
+        count += x.shape[1]
+        tick(x.shape[1])
+        cross = (basis.T @ hx).double()
+        diag = (x.T @ hx).double()
+        n = basis.shape[1]
+        t = torch.zeros(n + x.shape[1], n + x.shape[1], dtype=torch.float64)
+        t[:n, :n] = proj
+        t[:n, n:] = cross
+        t[n:, :n] = cross.T
+        t[n:, n:] = 0.5 * (diag + diag.T)
+        proj = t
+        basis = torch.cat([basis, x], dim=1)
+        prods = torch.cat([prods, hx], dim=1)
+
+        theta, s = torch.linalg.eigh(proj)
+        order = _order(theta, which)
+        n = basis.shape[1]
+        if n < k:  # not enough Ritz pairs yet: expand with the Krylov block
+            x = hx - basis @ (basis.T @ hx)
+            continue
+        # Residuals of the k wanted and the next b candidates, from stored products.
+        cand = order[: min(n, k + b)]
+        sc = s[:, cand].to(dtype=dtype, device=device)
+        u, hu = basis @ sc, prods @ sc
+        th = theta[cand].to(dtype=dtype, device=device)
+        res = (hu - u * th).norm(dim=0)
+        conv = res <= tol * th.abs().clamp_min(_TINY)
+        if _DEBUG:
+            print(count, n, f"{float((res[:k] / th[:k].abs()).max()):.2e}", f"{float(res[:k].max() / th.abs().max()):.2e}", flush=True)
+        if bool(conv[:k].all()) or n >= dim:
+            break
+        if count >= max_matvecs:
+            hit_budget = True
+            break
+        # Expand with residuals of the best unconverged candidates (soft locking).
+        pick = [i for i in range(len(cand)) if not conv[i]][:b]
+        x = (hu - u * th)[:, pick]
+        if n + x.shape[1] > nmax:  # thick restart: keep the best Ritz vectors and their products
+            sk = s[:, order[:keep]].to(dtype=dtype, device=device)
+            basis, prods = basis @ sk, prods @ sk
+            proj = torch.diag(theta[order[:keep]])
+            # Re-orthonormalise: V S is orthonormal only up to rounding, which grows over restarts.
+            q, r = torch.linalg.qr(basis)
+            basis = q
+            prods = torch.linalg.solve_triangular(r.T, prods.T, upper=False).T
+            t = (basis.T @ prods).double()
+            proj = 0.5 * (t + t.T)
+
+    theta, s = torch.linalg.eigh(proj)
+    sel = _order(theta, which)[:k]
+    ss = s[:, sel].to(dtype=dtype, device=device)
+    u, hu = basis @ ss, prods @ ss
+    if verify:
+        hu = op.matvec(u / u.norm(dim=0).clamp_min(_TINY)).to(dtype=dtype, device=device)
+        hu = hu * u.norm(dim=0)
+        count += u.shape[1]
+        tick(u.shape[1])
+    lam, vecs, res, rel, conv, _ = _finish(u, hu, tol, which)
+    if hit_budget and not bool(conv.all()):
+        warnings.warn(
+            f"top_eigenpairs: max_matvecs={max_matvecs} reached with {int((~conv).sum())} of {k} "
+            f"pairs above tol={tol} (worst relative residual {float(rel.max()):.2e})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return lam, vecs, res, rel, conv, count
+
+
+def _arpack(
+    op: LinearOperator,
+    k: int,
+    tol: float,
+    v0: Tensor | None,
+    which: str,
+    max_matvecs: int,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """scipy's ARPACK (implicitly restarted Lanczos, the paper's method), then k true residuals."""
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+    from scipy.sparse.linalg import LinearOperator as ScipyOperator
+
+    dim = op.dim
+    dtype, device = _op_dtype(op), _op_device(op)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    count = 0
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        nonlocal count
+        count += 1
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype).reshape(-1)).to(device)
+        return op.matvec(v).detach().cpu().numpy().astype(np_dtype, copy=False)
+
+    lin = ScipyOperator((dim, dim), matvec=mv, dtype=np_dtype)
+    if v0 is not None:
+        start = v0.to(dtype=torch.float64).sum(dim=0).cpu().numpy()
+    else:
+        start = np.random.default_rng(seed).standard_normal(dim)
+    ncv = min(dim, max(2 * k + 1, 20))
+    # ARPACK counts restarts, not products: about ncv - k products per restart after the first ncv.
+    maxiter = max(1, (max_matvecs - ncv) // max(1, ncv - k) + 1)
+    try:
+        _, vecs = eigsh(lin, k=k, which=which, tol=tol, v0=start.astype(np_dtype), ncv=ncv, maxiter=maxiter)
+        hit_budget = False
+    except ArpackNoConvergence as err:
+        vecs = err.eigenvectors
+        hit_budget = True
+    u = torch.from_numpy(np.ascontiguousarray(vecs)).to(dtype=dtype, device=device)
+    if u.shape[1] == 0:
+        raise RuntimeError(f"ARPACK converged no eigenpair within max_matvecs={max_matvecs}")
+    hu = op.matvec(u).to(dtype=dtype, device=device)
+    count += u.shape[1]
+    lam, vecs_t, res, rel, conv, _ = _finish(u, hu, tol, which)
+    if hit_budget or not bool(conv.all()):
+        warnings.warn(
+            f"top_eigenpairs(arpack): {int(conv.sum())} of {k} pairs within tol={tol} "
+            f"after {count} products",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return lam, vecs_t, res, rel, conv, count
+
+
+# ------------------------------------------------------------------------------------------------
+# Stochastic norms
+# ------------------------------------------------------------------------------------------------
+
+
+def _probes(op: LinearOperator, m: int, gen: torch.Generator, kind: str) -> Tensor:
+    dtype, device = _op_dtype(op), _op_device(op)
+    z = torch.randn(op.dim, m, generator=gen, dtype=torch.float64)
+    if kind == "rademacher":
+        z = torch.sign(z)
+    return z.to(dtype=dtype, device=device)
+
+
+def frobenius_norm(op: LinearOperator, probes: int = 20, seed: int = 0) -> tuple[float, float]:
+    """‖H‖_F estimated as sqrt(mean_i ‖H z_i‖²) over Gaussian z_i (E‖Hz‖² = ‖H‖_F²).
+
+    Returns:
+        (estimate, standard error); the error is the delta-method one, se(mean)/(2·estimate).
+        Units: those of H (loss per parameter²). Costs ``probes`` products.
+    """
+    if probes < 2:
+        raise ValueError("need at least 2 probes for a standard error")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = _probes(op, probes, gen, "gaussian")
+    q = op.matvec(z).double().square().sum(dim=0)
+    mean = float(q.mean())
+    se_mean = float(q.std(unbiased=True)) / math.sqrt(probes)
+    est = math.sqrt(max(mean, 0.0))
+    return est, (se_mean / (2 * est) if est > 0 else 0.0)
+
+
+def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hutchpp") -> tuple[float, float]:
+    """tr(H) by Hutchinson's estimator or Hutch++ (Meyer et al. 2021), Rademacher probes.
+
+    Hutch++ spends a third of the products on a sketch S, takes Q = orth(H S), computes tr(QᵀHQ)
+    exactly (a third) and applies Hutchinson to (I − QQᵀ)H(I − QQᵀ) with the rest: far lower
+    variance when a few eigenvalues dominate, as for a network's Hessian.
+
+    Returns:
+        (estimate, standard error); the error is that of the Hutchinson part (the exact part
+        given Q adds none). Costs ``probes`` products.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if method == "hutchinson":
+        if probes < 2:
+            raise ValueError("need at least 2 probes for a standard error")
+        z = _probes(op, probes, gen, "rademacher")
+        t = (z.double() * op.matvec(z).double()).sum(dim=0)
+        return float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(probes)
+    if method != "hutchpp":
+        raise ValueError(f"method must be 'hutchpp' or 'hutchinson', got {method!r}")
+    sketch = probes // 3
+    rest = probes - 2 * sketch
+    if sketch < 1 or rest < 2:
+        raise ValueError("Hutch++ needs at least 4 probes")
+    s = _probes(op, sketch, gen, "rademacher")
+    q, _ = torch.linalg.qr(op.matvec(s).double())
+    qd = q.to(dtype=s.dtype)
+    exact = float((q * op.matvec(qd).double()).sum())
+    g = _probes(op, rest, gen, "rademacher").double()
+    g = g - q @ (q.T @ g)
+    t = (g * op.matvec(g.to(dtype=s.dtype)).double()).sum(dim=0)
+    return exact + float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(rest)

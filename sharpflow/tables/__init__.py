@@ -1,0 +1,83 @@
+"""Tables: Markdown, LaTeX (booktabs) and CSV summaries of a study's runs.
+
+Imported by the Snakefile, so its top level stays light (no pandas, matplotlib or torch); the
+module of a table kind is imported only by :func:`make_table`.
+
+Table kinds (module, tables read):
+
+- ``nsgd`` (nsgd.py; metrics, spectrum): one row per NSGD γ (per (γ, K) when K varies too) and per
+  SGD baseline η, mean ± std over seeds of ‖H‖_F and λ_max at the best-validation and the last
+  checkpoint, test accuracy at the best-validation checkpoint, validation accuracy at an early
+  epoch, final training loss and distance from the initialisation.
+- ``nsgd_k`` (nsgd.py; metrics, spectrum): the same columns for a K-ablation, one row per K
+  (and γ when it varies), then the SGD baselines.
+- ``peak`` (peak.py; spectrum): per run (η, S), the peak of λ_max, the step and epoch at which it
+  peaks, η·λ_max/2 there, and the final λ_max.
+
+Inputs are ``…/runs/{run}/{table}.parquet`` (run = directory name, table = file stem).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+#: table kind -> the table kinds (file stems) it reads.
+KINDS: dict[str, tuple[str, ...]] = {
+    "nsgd": ("metrics", "spectrum"),
+    "nsgd_k": ("metrics", "spectrum"),
+    "peak": ("spectrum",),
+}
+
+#: table kind -> its module's file name in this directory (a Snakemake input of the table rule).
+MODULES: dict[str, str] = {"nsgd": "nsgd.py", "nsgd_k": "nsgd.py", "peak": "peak.py"}
+
+#: modules every table uses (writers here, the input loader in sharpflow/figures).
+SHARED_MODULES: tuple[str, ...] = ("_common.py", "../figures/_common.py")
+
+#: table kind -> its report caption, relative to the repository root ("table_" prefix: the figure
+#: kind ``nsgd`` has its own caption ``nsgd.rst``).
+CAPTIONS: dict[str, str] = {kind: f"workflow/report/table_{kind}.rst" for kind in KINDS}
+
+DIRECTORY = Path(__file__).resolve().parent
+
+
+def code_files(kind: str) -> list[Path]:
+    """The source files whose edits should remake tables of ``kind`` (for Snakemake inputs)."""
+    return [DIRECTORY / MODULES[kind], *((DIRECTORY / m).resolve() for m in SHARED_MODULES)]
+
+
+def resolve_kind(kind: str, spec: dict[str, Any]) -> str:
+    """``kind`` if it is a table kind, else ``spec["kind"]``; SharpflowError otherwise."""
+    from ..io import SharpflowError
+
+    declared = spec.get("kind")
+    if kind in KINDS:
+        if declared not in (None, kind):
+            raise SharpflowError(f"table {kind!r}: the spec says kind {declared!r}")
+        return kind
+    if declared in KINDS:
+        return str(declared)
+    raise SharpflowError(f"unknown table kind {declared or kind!r}; known: {', '.join(KINDS)}")
+
+
+def make_table(kind: str, spec: dict[str, Any], inputs: list[Path], out_md: Path, out_tex: Path,
+               out_csv: Path) -> None:
+    """Build one table from its aggregated inputs and write Markdown, LaTeX and CSV atomically.
+
+    Args:
+        kind: a key of :data:`KINDS` (or a table name, when ``spec["kind"]`` gives the kind).
+        spec: {"kind", "studies", "style": {...}, "runs": {run_id: {"study", "lr", "batch_size",
+            "momentum", "optimizer", "gamma", "seed", "k"}}}; style options per kind are
+            documented in its module.
+        inputs: ``…/runs/{run}/{table}.parquet`` files of the tables in ``KINDS[kind]``.
+    """
+    from ..figures._common import load
+    from ._common import write
+
+    kind = resolve_kind(kind, spec)
+    module = importlib.import_module(f"{__name__}.{MODULES[kind].removesuffix('.py')}")
+    data = load(inputs, KINDS[kind], spec)
+    table = module.build(kind, data, dict(spec.get("style") or {}))
+    write(table, Path(out_md), Path(out_tex), Path(out_csv))

@@ -1,0 +1,252 @@
+"""End to end through Snakemake on a tiny config: outputs, caching and invalidation, report, resume.
+
+One tiny workflow (two runs of an η "grid", three checkpoints each, every stage, every figure
+kind that needs no NSGD) is run once per session; the invalidation tests then dry-run changed
+configs against that finished tree and check exactly which jobs Snakemake would rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(results: Path) -> dict:
+    return {
+        "results": str(results),
+        "datasets": {"tiny": {"source": "mnist1d", "mnist1d_samples": 500, "valid_size": 80,
+                              "hessian_subset": 64}},
+        "defaults": {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
+                     "optimizer": {"lr": 0.1, "batch_size": 20}, "steps": 32,
+                     "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"},
+        "studies": {
+            "eta": {"sweep": {"optimizer.lr": [0.05, 0.1]}},
+            "other": {"base": {"optimizer": {"lr": 0.2}}, "project": {"enabled": False}},
+        },
+        "spectrum": {"k": 3, "frobenius_probes": 2},
+        "project": {"k": 2, "alignment_batches": 3, "grad_batches": 2, "subset": 64,
+                    "cross_directions": [1, 2], "multipliers": [0.5, 1, 2]},
+        "figures": {"eta_grid": {"kind": "grid", "studies": ["eta"]},
+                    "other_grid": {"kind": "grid", "studies": ["other"]},
+                    "alignment": {"kind": "alignment", "studies": ["eta"]}},
+        "tables": {"peak": {"kind": "peak", "studies": ["eta", "other"]}},
+    }
+
+
+def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(cfg),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+
+
+def planned(workdir: Path, config: dict) -> dict[str, int]:
+    """Rule -> number of jobs a dry run would execute."""
+    proc = snakemake(workdir, config, "-n", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts: dict[str, int] = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if m and m.group(1) not in ("total", "job", "count"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wf")
+    cfg = tiny_config(work / "results")
+    t0 = time.perf_counter()
+    proc = snakemake(work, cfg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"tiny workflow: {time.perf_counter() - t0:.1f} s")
+    return work, cfg
+
+
+def test_every_output_exists_and_is_consistent(finished):
+    work, cfg = finished
+    res = Path(cfg["results"])
+    for run in ("eta-lr0.05", "eta-lr0.1"):
+        spec = pd.read_parquet(res / "runs" / run / "spectrum.parquet")
+        assert sorted(spec.step.unique()) == [0, 16, 32]
+        assert set(spec["rank"]) == {1, 2, 3}
+        assert spec.converged.all()
+        assert (spec.rel_residual <= 1e-3).all()
+        for kind in ("alignment", "cross_sections", "widths", "decomposed"):
+            assert len(pd.read_parquet(res / "runs" / run / f"{kind}.parquet"))
+    assert not (res / "runs" / "other" / "alignment.parquet").exists()  # project disabled there
+    for name in ("eta_grid", "other_grid", "alignment"):
+        png = res / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (res / "figures" / f"{name}.pdf").stat().st_size > 1000
+    assert "lr0.05" in (res / "tables" / "peak.md").read_text() or "0.05" in (res / "tables" / "peak.md").read_text()
+    # nothing left to do, and no stray temporary files
+    assert planned(work, cfg) == {}
+    assert not [p for p in res.rglob("*.tmp")]
+
+
+def test_figure_style_change_reruns_that_figure_alone(finished):
+    work, cfg = finished
+    cfg = copy.deepcopy(cfg)
+    cfg["figures"]["eta_grid"]["style"] = {"dpi": 90}
+    assert planned(work, cfg) == {"figure_eta_grid": 1, "all": 1}
+
+
+def test_editing_a_plotting_module_reruns_the_figures_it_draws(finished):
+    work, cfg = finished
+    module = ROOT / "sharpflow" / "figures" / "alignment.py"
+    st = module.stat()
+    try:
+        os.utime(module, (st.st_atime, time.time() + 5))
+        assert planned(work, cfg) == {"figure_alignment": 1, "all": 1}
+    finally:
+        os.utime(module, (st.st_atime, st.st_mtime))
+
+
+def test_changing_lanczos_k_reruns_analysis_not_training(finished):
+    work, cfg = finished
+    cfg = copy.deepcopy(cfg)
+    cfg["spectrum"]["k"] = 4
+    jobs = planned(work, cfg)
+    assert not any(rule.startswith("train_") or rule == "prepare" for rule in jobs)
+    assert jobs["spectrum"] == 9  # 3 runs x 3 checkpoints
+    assert jobs["project"] == 6  # the eta runs only
+    assert {"figure_eta_grid", "figure_other_grid", "figure_alignment", "table_peak"} <= set(jobs)
+
+
+def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
+    work, cfg = finished
+    cfg = copy.deepcopy(cfg)
+    cfg["studies"]["eta"]["sweep"]["optimizer.lr"].append(0.02)
+    jobs = planned(work, cfg)
+    assert [r for r in jobs if r.startswith("train_")] == ["train_eta__lr0p02"]
+    assert jobs["spectrum"] == 3 and jobs["project"] == 3
+    assert "figure_other_grid" not in jobs
+    assert {"figure_eta_grid", "figure_alignment", "table_peak"} <= set(jobs)
+
+
+def test_no_change_rerun_is_fast(finished):
+    work, cfg = finished
+    t0 = time.perf_counter()
+    proc = snakemake(work, cfg)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert took < 15
+
+
+def test_bad_config_fails_before_any_job_naming_the_field(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    cfg["studies"]["eta"]["sweep"]["optimizer.lr"] = [-0.1]
+    proc = snakemake(tmp_path, cfg, "-n")
+    assert proc.returncode != 0
+    assert "optimizer.lr" in proc.stdout + proc.stderr
+    assert "Input should be greater than 0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_snakemake_resumes_a_killed_training_bitwise(tmp_path):
+    """SIGKILL the whole Snakemake process group mid-training, several times; then finish."""
+    cfg = tiny_config(tmp_path / "results")
+    cfg["studies"] = {"long": {"base": {"steps": 400, "checkpoints": {"every_epochs": 2}}, "analyse": False}}
+    cfg["figures"], cfg["tables"] = {}, {}
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref_cfg = copy.deepcopy(cfg)
+    ref_cfg["results"] = str(ref_dir / "results")
+    assert snakemake(ref_dir, ref_cfg).returncode == 0
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(work), "--configfile",
+           str(work / "config.yaml"), "--cores", "1"]
+    metrics = Path(cfg["results"]) / "runs" / "long" / "metrics.parquet"
+    kills = 0
+    for delay in (4.0, 5.5, 6.5):
+        proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if metrics.exists():
+            break
+    final = subprocess.run([*cmd, "--rerun-incomplete"], cwd=work, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert kills >= 1
+    a = pd.read_parquet(metrics).drop(columns=["wall_s", "refresh_s"])
+    b = pd.read_parquet(ref_dir / "results" / "runs" / "long" / "metrics.parquet").drop(columns=["wall_s", "refresh_s"])
+    pd.testing.assert_frame_equal(a, b)
+    import torch
+
+    for ck in sorted((ref_dir / "results" / "runs" / "long" / "checkpoints").glob("*.pt")):
+        other = Path(cfg["results"]) / "runs" / "long" / "checkpoints" / ck.name
+        sa = torch.load(ck, weights_only=True)["model"]
+        sb = torch.load(other, weights_only=True)["model"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_dry_run_of_a_5000_job_sweep_is_fast(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    # 10 x 10 x 2 = 200 runs x 12 checkpoints x (spectrum + project) ≈ 5,000 jobs
+    cfg["studies"] = {"big": {"base": {"steps": 160, "checkpoints": {"every_epochs": 1.5}},
+                              "sweep": {"optimizer.lr": [round(0.01 * i, 2) for i in range(1, 11)],
+                                        "optimizer.momentum": [round(0.05 * i, 2) for i in range(10)],
+                                        "seed": [0, 1]}}}
+    cfg["figures"] = {"grid": {"kind": "grid", "studies": ["big"]}}
+    cfg["tables"] = {}
+    t0 = time.perf_counter()
+    jobs = planned(tmp_path, cfg)
+    took = time.perf_counter() - t0
+    total = sum(jobs.values())
+    print(f"dry run: {total} jobs in {took:.1f} s")
+    assert total >= 5000
+    assert took < 60
+
+
+def test_report_renders_in_headless_chromium(finished, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium)")
+    work, cfg = finished
+    report = tmp_path / "report.html"
+    proc = snakemake(work, cfg, "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = report.read_text()
+    assert "eta_grid" in html and "alignment" in html
+    shot = tmp_path / "shot.png"
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=8000", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<body" in dom.stdout
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         f"--user-data-dir={tmp_path / 'chrome2'}", "--window-size=1200,900", f"--screenshot={shot}",
+         "--virtual-time-budget=8000", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot.exists() and shot.stat().st_size > 10_000
