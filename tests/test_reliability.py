@@ -277,9 +277,9 @@ def test_fuzzed_study_names_never_escape_results(name):
 def test_extreme_numbers_are_rejected_or_kept_finite():
     raw = _valid()
     raw["studies"]["s"]["sweep"] = {"optimizer.lr": [math.inf]}
-    with pytest.raises(ConfigError, match="optimizer.lr"):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
         parse_config(raw)
     raw["studies"]["s"]["sweep"] = {"optimizer.lr": [math.nan]}
-    with pytest.raises(ConfigError, match="optimizer.lr"):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
         parse_config(raw)
 
