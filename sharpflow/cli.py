@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from .config import (
     ConfigError,
     DatasetConfig,
+    EscapeConfig,
     ProjectConfig,
     RunConfig,
     SpectrumConfig,
@@ -99,6 +100,16 @@ def cmd_project(a: argparse.Namespace) -> None:
     device = choose_device(a.device, log=_log)
     project_stage(a.project, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint,
                   eigvecs=a.eigvecs, out_dir=a.out_dir, device=device, log=_log)
+
+
+def cmd_escape(a: argparse.Namespace) -> None:
+    from .devices import choose_device
+    from .stages import escape_stage
+
+    _setup_threads(a.threads)
+    device = choose_device(a.device, log=_log)
+    escape_stage(a.escape, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint, eigvecs=a.eigvecs,
+                 out_table=a.out_table, device=device, log=_log)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
@@ -190,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True, type=Path)
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.set_defaults(func=cmd_project)
+
+    sp = sub.add_parser("escape", help="escape ablation: SGD with the e1 component edited, from one checkpoint")
+    common(sp)
+    sp.add_argument("--escape", required=True, type=_model_arg(EscapeConfig, "--escape"))
+    sp.add_argument("--checkpoint", required=True, type=Path)
+    sp.add_argument("--eigvecs", required=True, type=Path)
+    sp.add_argument("--out-table", required=True, type=Path)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_escape)
 
     sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file")
     sp.add_argument("--out", required=True, type=Path)

@@ -38,7 +38,7 @@ from pydantic import (
 
 #: Bumped when a stage's results change meaning; part of that stage's Snakemake params, so a
 #: refactor reruns nothing while a change of meaning reruns exactly that stage and what follows.
-FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 1, "project": 1}
+FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 1, "project": 1, "escape": 1}
 
 #: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).
 MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm")
@@ -261,6 +261,23 @@ class ProjectConfig(Strict):
     seed: int = 0
 
 
+class EscapeConfig(Strict):
+    """The escape ablation (optional): from chosen checkpoints, continue SGD with the e1 component of
+    every step removed, isolated, frozen or rescaled, tracking the loss and λ_max."""
+
+    checkpoints: dict[str, list[NonNegativeInt]] = Field(
+        default_factory=dict, description="Run id -> checkpoint steps to start from (each in the run's schedule)."
+    )
+    iterations: PositiveInt = Field(1000, description="SGD iterations per mode.")
+    modes: list[Literal["none", "remove", "isolate", "freeze", "rescale"]] = Field(
+        default_factory=lambda: ["none", "remove", "isolate", "freeze", "rescale"]
+    )
+    factor: float = Field(0.5, description="'rescale': multiplier of the e1 component.")
+    eval_every: PositiveInt = Field(50, description="Iterations between loss / λ_max evaluations.")
+    subset: PositiveInt = Field(1000, description="Examples of the fixed loss-evaluation subset.")
+    lambda_tol: PositiveFloat = Field(1e-2, description="Relative residual of the tracked λ_max.")
+
+
 class StudyConfig(Strict):
     """A named group of runs: ``base`` merged over ``defaults``, expanded over ``sweep``."""
 
@@ -314,6 +331,7 @@ class Config(Strict):
     figures: dict[Name, FigureConfig] = Field(default_factory=dict)
     tables: dict[Name, FigureConfig] = Field(default_factory=dict)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    escape: EscapeConfig = Field(default_factory=EscapeConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -321,6 +339,15 @@ class Config(Strict):
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
+        for run, wanted in self.escape.checkpoints.items():
+            if run not in runs:
+                raise ValueError(f"escape.checkpoints: unknown run {run!r}")
+            plan = checkpoint_steps(runs[run], self.datasets[runs[run].dataset])
+            missing = sorted(set(wanted) - set(plan))
+            if missing:
+                raise ValueError(f"escape.checkpoints.{run}: steps {missing} are not checkpoints of the run")
+            if not self.studies[study_of(run)].analyse:
+                raise ValueError(f"escape.checkpoints.{run}: the run's study has analyse: false (no eigenvectors)")
         from . import figures, tables
 
         for section, items, known in (("figures", self.figures, figures.KINDS), ("tables", self.tables, tables.KINDS)):

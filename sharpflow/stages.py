@@ -19,6 +19,7 @@ The project tables are documented in :func:`project_stage`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import FORMAT_VERSION, ProjectConfig, RunConfig, SpectrumConfig
+from .config import FORMAT_VERSION, EscapeConfig, ProjectConfig, RunConfig, SpectrumConfig
 from .io import SharpflowError, load_torch, read_parquet, save_torch, write_parquet
 
 EIGVEC_KEYS = ("eigenvalues", "eigenvectors", "residuals", "step", "run", "status", "format")
@@ -250,3 +251,77 @@ def project_stage(
         write_parquet(Path(out_dir) / kind / f"step{step:08d}.parquet", df)
     log(f"[{run_name}] step {step}: project done in {time.perf_counter() - t0:.2f} s")
     return tables
+
+
+def escape_stage(
+    cfg: EscapeConfig,
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    eigvecs: str | Path,
+    out_table: str | Path,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """The escape ablation from one checkpoint: one :func:`sharpflow.analysis.escape_ablation` per
+    mode, on the run's data order and learning rate, λ_max tracked by a warm-started Lanczos solve
+    on the run's Hessian subset. Rows: step (iterations from the checkpoint), loss (on a fixed
+    subset), lambda_max, mode, factor, lr, e1_coord, dist_from_start, diverged, plus run,
+    start_step (the checkpoint), epoch, status."""
+    from .analysis import escape_ablation
+    from .hessian import HessianOperator, top_eigenpairs
+    from .models import loss_fn
+    from .params import flat_params, set_flat_params
+    from .train import hessian_batches
+
+    device = torch.device(device)
+    data, ck, model = _context(run, data_dir, checkpoint, device)
+    model.eval()
+    ev = load_torch(eigvecs, required=EIGVEC_KEYS, what="eigenvectors")
+    theta = flat_params(model)
+    step = int(ck["step"])
+    n_train = run.train_subset or len(data.train.x)
+    x, y = data.train.x[:n_train], data.train.y[:n_train]
+    bs = n_train if run.optimizer.batch_size == "full" else min(run.optimizer.batch_size, n_train)
+    gen = torch.Generator(device="cpu").manual_seed(step)
+    subset_idx = torch.randperm(n_train, generator=gen)[: min(cfg.subset, n_train)].to(device)
+    subset = _batches(x[subset_idx], y[subset_idx], 1000)
+    hbatches = hessian_batches(data, len(data.hessian_idx))
+    probe = copy.deepcopy(model)
+    warm: dict[str, torch.Tensor | None] = {"v": None}
+
+    def lambda_max(th: torch.Tensor) -> float:
+        set_flat_params(probe, th)
+        op = HessianOperator(probe, loss_fn, hbatches, weight_decay=run.optimizer.weight_decay)
+        res = top_eigenpairs(op, k=1, tol=cfg.lambda_tol, v0=warm["v"], seed=step)
+        warm["v"] = res.eigenvectors
+        return float(res.eigenvalues[0])
+
+    def batches():
+        epoch = 0
+        while True:
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(step * 7919 + epoch)).to(device)
+            for i in range(0, n_train, bs):
+                idx = perm[i : i + bs]
+                yield x[idx], y[idx]
+            epoch += 1
+
+    finite = bool(torch.isfinite(theta).all()) and len(ev["eigenvectors"]) > 0
+    frames = []
+    t0 = time.perf_counter()
+    for mode in cfg.modes:
+        e1 = ev["eigenvectors"][0].to(device=device, dtype=theta.dtype) if finite else torch.full_like(theta, math.nan)
+        warm["v"] = None
+        df = escape_ablation(model, loss_fn, theta, e1, batches(), lr=run.optimizer.lr, steps=cfg.iterations,
+                             mode=mode, factor=cfg.factor, eval_batches=subset, eval_every=cfg.eval_every,
+                             lambda_max_fn=lambda_max if finite else None)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    ident = {"run": run_name, "start_step": step, "epoch": float(ck["epoch"]), "status": str(ck["status"])}
+    for col, val in reversed(ident.items()):
+        out.insert(0, col, val)
+    write_parquet(out_table, out)
+    log(f"[{run_name}] step {step}: escape ablation ({len(cfg.modes)} modes) in {time.perf_counter() - t0:.1f} s")
+    return out

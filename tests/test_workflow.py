@@ -41,7 +41,10 @@ def tiny_config(results: Path) -> dict:
         "spectrum": {"k": 3, "frobenius_probes": 2},
         "project": {"k": 2, "alignment_batches": 3, "grad_batches": 2, "subset": 64,
                     "cross_directions": [1, 2], "multipliers": [0.5, 1, 2]},
+        "escape": {"checkpoints": {"eta-lr0.1": [16]}, "iterations": 20, "eval_every": 10, "subset": 64,
+                   "modes": ["none", "remove"]},
         "figures": {"eta_grid": {"kind": "grid", "studies": ["eta"]},
+                    "escape": {"kind": "escape", "studies": ["eta"]},
                     "other_grid": {"kind": "grid", "studies": ["other"]},
                     "alignment": {"kind": "alignment", "studies": ["eta"]}},
         "tables": {"peak": {"kind": "peak", "studies": ["eta", "other"]}},
@@ -92,7 +95,9 @@ def test_every_output_exists_and_is_consistent(finished):
         for kind in ("alignment", "cross_sections", "widths", "decomposed"):
             assert len(pd.read_parquet(res / "runs" / run / f"{kind}.parquet"))
     assert not (res / "runs" / "other" / "alignment.parquet").exists()  # project disabled there
-    for name in ("eta_grid", "other_grid", "alignment"):
+    esc = pd.read_parquet(res / "runs" / "eta-lr0.1" / "escape.parquet")
+    assert set(esc["mode"]) == {"none", "remove"} and esc.lambda_max.notna().all()
+    for name in ("eta_grid", "other_grid", "alignment", "escape"):
         png = res / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (res / "figures" / f"{name}.pdf").stat().st_size > 1000

@@ -75,3 +75,44 @@ for _kind in ["spectrum", *PROJECT_KINDS]:
         localrule: True
         shell:
             "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"
+
+
+rule escape:
+    input:
+        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
+        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
+        data=run_data,
+    output:
+        f"{R}/runs/{{run}}/escape/step{{step}}.parquet",
+    params:
+        escape=dump_json(CFG.escape),
+        run=run_json,
+        data=lambda w, input: parent(input.data[0]),
+        version=FORMAT_VERSION["escape"],
+    conda:
+        ENV
+    log:
+        f"{R}/logs/escape/{{run}}/step{{step}}.log",
+    threads: RES.project.threads
+    resources:
+        gpu=RES.project.gpu,
+        mem_mb=RES.project.mem_mb,
+        runtime=RES.project.runtime,
+    shell:
+        "sharpflow escape --threads {threads} --escape {params.escape:q} --run {params.run:q} "
+        "--run-name {wildcards.run} --data {params.data:q} --checkpoint {input.checkpoint:q} "
+        "--eigvecs {input.eigvecs:q} --out-table {output:q} 2> {log:q}"
+
+
+rule aggregate_escape:
+    input:
+        lambda w: [f"{R}/runs/{w.run}/escape/step{s:08d}.parquet" for s in ESCAPE[w.run]],
+    output:
+        f"{R}/runs/{{run}}/escape.parquet",
+    conda:
+        ENV
+    log:
+        f"{R}/logs/aggregate/{{run}}/escape.log",
+    localrule: True
+    shell:
+        "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"

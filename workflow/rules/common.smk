@@ -37,6 +37,7 @@ RUNS = expand_runs(CFG)
 STEPS = {run: checkpoint_steps(rc, CFG.datasets[rc.dataset]) for run, rc in RUNS.items()}
 ANALYSED = [run for run in RUNS if CFG.studies[run.split("-", 1)[0]].analyse]
 RES = CFG.resources
+ESCAPE = {run: sorted(set(steps)) for run, steps in CFG.escape.checkpoints.items() if steps}
 
 
 wildcard_constraints:
@@ -115,6 +116,8 @@ def run_outputs(run):
         out.append(f"{R}/runs/{run}/spectrum.parquet")
         if project_config(CFG, run).enabled:
             out += [f"{R}/runs/{run}/{kind}.parquet" for kind in PROJECT_KINDS]
+    if run in ESCAPE:
+        out.append(f"{R}/runs/{run}/escape.parquet")
     return out
 
 
@@ -124,7 +127,10 @@ def study_runs(studies):
 
 def presentation_inputs(item, table_kinds):
     """The aggregated tables a figure or table reads: exactly its studies' runs' files."""
-    return [f"{R}/runs/{run}/{t}.parquet" for run in study_runs(item.studies) for t in table_kinds]
+    runs = study_runs(item.studies)
+    if "escape" in table_kinds:  # only the runs the escape ablation was configured for
+        runs = [run for run in runs if run in ESCAPE]
+    return [f"{R}/runs/{run}/{t}.parquet" for run in runs for t in table_kinds]
 
 
 def code_inputs(package, kind):
