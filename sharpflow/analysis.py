@@ -67,6 +67,28 @@ def _flat_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Tensor, Tensor, T
     return f_flat
 
 
+#: Batch with ``torch.func.vmap``? None: only on accelerators. On the CPU the first vmap/grad call of
+#: a process lazily imports torch's compiler stack (2-7 s measured here), more than a whole
+#: per-checkpoint analysis of a small model costs with plain autograd loops; on a GPU the batching
+#: pays. Set to True/False to force either path (the numbers agree; tests check both).
+VMAP: bool | None = None
+
+
+def _use_vmap(device: torch.device) -> bool:
+    return device.type != "cpu" if VMAP is None else VMAP
+
+
+def _plain_grad(f: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """∇_θ f(θ, x, y) with plain autograd (no functorch transform)."""
+
+    def g(theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            return torch.autograd.grad(f(th, x, y), th)[0]
+
+    return g
+
+
 def _n_examples(batch: Batch) -> int:
     return int(batch[0].shape[0])
 
@@ -108,9 +130,10 @@ def _iter_batch_gradients(
     """Yield (batch indices, (len, D) gradients) chunk by chunk; batches of equal shape are vmapped."""
     chunk = chunk or GRAD_CHUNK
     dev = theta.device
-    g1 = grad(_flat_loss(model, loss_fn))
+    use_vmap = _use_vmap(dev)
+    f = _flat_loss(model, loss_fn)
+    g1 = grad(f) if use_vmap else _plain_grad(f)
     gv = vmap(g1, in_dims=(None, 0, 0))
-    use_vmap = True
     for group in _shape_groups(batches):
         for start in range(0, len(group), chunk):
             sel = group[start : start + chunk]
@@ -164,7 +187,7 @@ def _losses_along(
     """
     chunk = chunk or THETA_CHUNK
     f = _flat_loss(model, loss_fn)
-    state = {"vmap": True}
+    state = {"vmap": _use_vmap(theta.device)}
     out = torch.empty(index.shape[0], dtype=torch.float64, device=theta.device)
     with torch.no_grad():
         for s in range(0, index.shape[0], chunk):
@@ -686,7 +709,7 @@ def escape_ablation(
     e0 = e1.detach().to(th)
     e0 = e0 / e0.norm()
     e = e0.clone()
-    g1 = grad(_flat_loss(model, loss_fn))
+    g1 = _plain_grad(_flat_loss(model, loss_fn))  # one gradient per step: nothing to batch
     eff = {"none": 1.0, "remove": 0.0, "freeze": 0.0, "isolate": 1.0, "rescale": float(factor)}[mode]
     diverged = not _is_finite(th)
 

@@ -100,7 +100,9 @@ def _autograd_grad(model: nn.Module, loss_fn, theta: Tensor, x: Tensor, y: Tenso
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("sizes", [[8] * 5, [8, 8, 5, 8, 3, 5]])
-def test_batch_gradients_match_autograd_loop(sizes: list[int], conv: bool) -> None:
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_batch_gradients_match_autograd_loop(sizes: list[int], conv: bool, vectorise: bool, monkeypatch) -> None:
+    monkeypatch.setattr(an, "VMAP", vectorise)  # both the vmap and the plain-loop paths
     model, loss_fn, batches = _mlp_setup(sizes, conv=conv)
     theta = flat_params(model)
     before = theta.clone()
@@ -124,7 +126,9 @@ def test_full_gradient_exact_weighting_uneven_batches() -> None:
 
 
 @pytest.mark.parametrize("conv", [False, True])
-def test_loss_at_matches_per_theta_evaluation(conv: bool) -> None:
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_loss_at_matches_per_theta_evaluation(conv: bool, vectorise: bool, monkeypatch) -> None:
+    monkeypatch.setattr(an, "VMAP", vectorise)
     model, loss_fn, batches = _mlp_setup([8, 8, 5, 8, 3], conv=conv)
     gen = torch.Generator().manual_seed(3)
     thetas = flat_params(model) + 0.3 * torch.randn(5, flat_params(model).numel(), generator=gen,
@@ -156,7 +160,8 @@ class _NotVmappable(nn.Module):
         return out if out.sum().item() < 1e9 else -out
 
 
-def test_vmap_fallback_loop_gives_same_numbers() -> None:
+def test_vmap_fallback_loop_gives_same_numbers(monkeypatch) -> None:
+    monkeypatch.setattr(an, "VMAP", True)  # ask for vmap; the model cannot be vmapped
     torch.manual_seed(0)
     model = _NotVmappable()
     _, loss_fn, batches = _mlp_setup([6, 6, 6])
