@@ -332,6 +332,11 @@ class Config(Strict):
     tables: dict[Name, FigureConfig] = Field(default_factory=dict)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     escape: EscapeConfig = Field(default_factory=EscapeConfig)
+    prune_checkpoints: bool = Field(
+        False,
+        description="Delete intermediate checkpoints once every job that reads them is done (Snakemake "
+        "temp()); the first and last are kept. Saves disk at paper scale; re-analysing then retrains.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -526,15 +531,23 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {_format_errors(err)}") from None
 
 
-def load_config(path: str | Path) -> Config:
+def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(raw, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def merge_config(base: Any, overrides: dict[str, Any]) -> Any:
+    """``overrides`` (e.g. Snakemake's ``--config key=value``) merged into a config mapping."""
+    return _deep_merge(base, overrides) if isinstance(base, dict) else base
+
+
+def load_config(path: str | Path) -> Config:
+    return parse_config(read_yaml(path), str(Path(path)))
 
 
 def dump_json(model: BaseModel) -> str:

@@ -10,7 +10,7 @@ rule spectrum:
         table=f"{R}/runs/{{run}}/spectrum/step{{step}}.parquet",
         eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
     params:
-        spectrum=lambda w: dump_json(spectrum_config(CFG, w.run)),
+        spectrum=lambda w: SPEC_JSON[w.run],
         run=run_json,
         data=lambda w, input: parent(input.data[0]),
         previous=lambda w, input: f"--previous {input.previous[0]}" if input.previous else "",
@@ -39,7 +39,7 @@ rule project:
     output:
         [f"{R}/runs/{{run}}/project/{kind}/step{{step}}.parquet" for kind in PROJECT_KINDS],
     params:
-        project=lambda w: dump_json(project_config(CFG, w.run)),
+        project=lambda w: PROJ_JSON[w.run],
         run=run_json,
         data=lambda w, input: parent(input.data[0]),
         out=lambda w, output: parent(output[0], 2),

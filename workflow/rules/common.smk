@@ -11,8 +11,9 @@ from sharpflow.config import (
     checkpoint_steps,
     dump_json,
     expand_runs,
-    load_config,
+    merge_config,
     parse_config,
+    read_yaml,
     project_config,
     spectrum_config,
     steps_per_epoch,
@@ -25,10 +26,14 @@ def dump_json_dict(obj):
 
 
 # No `configfile:` directive: Snakemake would merge it with a --configfile, mixing the
-# default study into the paper's. An empty config means the embedded default.
+# default study into the paper's. Without --configfile the embedded default is loaded and
+# any --config key=value overrides are merged into it.
 DEFAULT_CONFIG = Path(workflow.basedir) / "config" / "config.yaml"
 try:
-    CFG = parse_config(config, "--configfile") if config else load_config(DEFAULT_CONFIG)
+    if workflow.configfiles:
+        CFG = parse_config(config, " + ".join(map(str, workflow.configfiles)))
+    else:
+        CFG = parse_config(merge_config(read_yaml(DEFAULT_CONFIG), config), str(DEFAULT_CONFIG))
 except ConfigError as err:
     raise WorkflowError(f"invalid sharpflow config: {err}")
 
@@ -37,14 +42,14 @@ RUNS = expand_runs(CFG)
 STEPS = {run: checkpoint_steps(rc, CFG.datasets[rc.dataset]) for run, rc in RUNS.items()}
 ANALYSED = [run for run in RUNS if CFG.studies[run.split("-", 1)[0]].analyse]
 RES = CFG.resources
+# Per-run lookups computed once: input functions run for every job of the DAG (thousands).
+RUN_JSON = {run: dump_json(rc) for run, rc in RUNS.items()}
+SPEC = {run: spectrum_config(CFG, run) for run in RUNS}
+SPEC_JSON = {run: dump_json(cfg) for run, cfg in SPEC.items()}
+PROJ = {run: project_config(CFG, run) for run in RUNS}
+PROJ_JSON = {run: dump_json(cfg) for run, cfg in PROJ.items()}
+STEP_INDEX = {run: {step: i for i, step in enumerate(steps)} for run, steps in STEPS.items()}
 ESCAPE = {run: sorted(set(steps)) for run, steps in CFG.escape.checkpoints.items() if steps}
-
-
-wildcard_constraints:
-    run=r"[A-Za-z][A-Za-z0-9_.\-]*",
-    step=r"\d{8}",
-    dataset=r"[A-Za-z][A-Za-z0-9_]*",
-    kind=r"[a-z_]+",
 
 
 def data_files(dataset):
@@ -60,15 +65,23 @@ def ckpt_path(run, step):
     return f"{R}/runs/{run}/checkpoints/step{step:08d}.pt"
 
 
+def checkpoint_output(run, step):
+    """A checkpoint as a train output: temp() when pruning, except the first and the last."""
+    path = ckpt_path(run, step)
+    if CFG.prune_checkpoints and step not in (STEPS[run][0], STEPS[run][-1]):
+        return temp(path)
+    return path
+
+
 def run_json(wildcards):
-    return dump_json(RUNS[wildcards.run])
+    return RUN_JSON[wildcards.run]
 
 
 def previous_eigvecs(wildcards):
     """The previous checkpoint's eigenvectors, within a warm-start chain (else nothing)."""
-    chain = spectrum_config(CFG, wildcards.run).warm_chain
+    chain = SPEC[wildcards.run].warm_chain
     steps = STEPS[wildcards.run]
-    i = steps.index(int(wildcards.step))
+    i = STEP_INDEX[wildcards.run][int(wildcards.step)]
     if chain <= 1 or i % chain == 0:
         return []
     return [f"{R}/runs/{wildcards.run}/eigvecs/step{steps[i - 1]:08d}.pt"]
@@ -114,7 +127,7 @@ def run_outputs(run):
     out = [f"{R}/runs/{run}/metrics.parquet"]
     if run in ANALYSED:
         out.append(f"{R}/runs/{run}/spectrum.parquet")
-        if project_config(CFG, run).enabled:
+        if PROJ[run].enabled:
             out += [f"{R}/runs/{run}/{kind}.parquet" for kind in PROJECT_KINDS]
     if run in ESCAPE:
         out.append(f"{R}/runs/{run}/escape.parquet")

@@ -8,7 +8,7 @@ for _run, _rc in RUNS.items():
         input:
             data_files(_rc.dataset),
         output:
-            checkpoints=[ckpt_path(_run, s) for s in STEPS[_run]],
+            checkpoints=[checkpoint_output(_run, s) for s in STEPS[_run]],
             metrics=f"{R}/runs/{_run}/metrics.parquet",
         params:
             run=dump_json(_rc),
