@@ -302,6 +302,7 @@ class StageResources(Strict):
     mem_mb: PositiveInt = 2000
     runtime: PositiveInt = Field(60, description="Minutes (used by SLURM).")
     gpu: NonNegativeInt = Field(1, description="GPUs the job asks for (Snakemake resource 'gpu').")
+    gpu_model: str | None = Field(None, description="SLURM GPU type (sbatch --gpus=<model>:<gpu>); None: any.")
 
 
 class ResourcesConfig(Strict):

@@ -11,9 +11,12 @@
 
 ``stop()`` cancels the cluster's jobs and stops exactly the daemons ``start()`` started, by PID
 (SIGTERM, then SIGKILL after a grace period), and removes the ``/etc`` link. It is idempotent and
-also runs at interpreter exit. Whenever the cluster cannot come up (not root, no apt-get, apt
-fails, a foreign ``slurm.conf``, a daemon dies or never gets ready) ``start()`` cleans up and
-raises :class:`SlurmUnavailable`, whose message is the reason a test reports when it skips.
+also runs at interpreter exit; daemons of a test run killed outright (no teardown) are stopped by
+the next ``start()``, from a registry of PIDs and start times.
+
+Whenever the cluster cannot come up (not root, no apt-get, apt fails, a foreign ``slurm.conf``,
+another test cluster running, a daemon dies or never gets ready) ``start()`` cleans up and raises
+:class:`SlurmUnavailable`, whose message is the reason a test reports when it skips.
 
 Every external command runs with a timeout: with ``slurmctld`` down, a bare ``sinfo`` retries for
 minutes. Use it as a context manager or call ``stop()`` in a ``finally``.
@@ -31,7 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: Written as the first line of our slurm.conf; how a leftover /etc link is recognised as ours.
@@ -45,6 +48,9 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "munge", "unmunge", "runuser")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
+#: Daemons of the running test cluster ("pid start-time name" lines): a later start() stops those
+#: that a killed test run (SIGKILL, no teardown) left behind.
+REGISTRY = Path(tempfile.gettempdir()) / "sharpflow-local-slurm.pids"
 
 
 class SlurmUnavailable(RuntimeError):
@@ -56,9 +62,11 @@ def _run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
     """Run a command, never longer than ``timeout`` seconds; a timeout or a missing binary → rc 124/127."""
     try:
         return subprocess.run(list(cmd), input=stdin, capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=None if stdin is not None else subprocess.DEVNULL)
+                              env=env or _with_sbin(dict(os.environ)),
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as err:
-        return subprocess.CompletedProcess(list(cmd), 124, _text(err.stdout), _text(err.stderr) + "\n(timed out)")
+        stderr = _text(err.stderr) + "\n(timed out)"
+        return subprocess.CompletedProcess(list(cmd), 124, _text(err.stdout), stderr)
     except FileNotFoundError as err:
         return subprocess.CompletedProcess(list(cmd), 127, "", str(err))
 
@@ -73,14 +81,20 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _with_sbin(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with /usr/sbin and /sbin on PATH (the daemons live there; a non-login shell may lack them)."""
+    parts = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join([*parts, *(d for d in ("/usr/sbin", "/sbin") if d not in parts)])
+    return env
+
+
 def _missing_commands() -> list[str]:
-    # Daemons live in /usr/sbin, which a non-login root shell may not have on PATH.
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    path = _with_sbin(dict(os.environ))["PATH"]
     return [c for c in (*DAEMONS, *CLIENTS) if shutil.which(c, path=path) is None]
 
 
 def ensure_installed(timeout_s: float = 600) -> None:
-    """Install slurm-wlm and munge with apt-get if anything is missing; raise SlurmUnavailable if that fails."""
+    """Install slurm-wlm and munge with apt-get if anything is missing; SlurmUnavailable if that fails."""
     missing = _missing_commands()
     if not missing:
         return
@@ -140,6 +154,14 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot: with the PID, it names one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -165,11 +187,7 @@ class LocalSlurm:
     @property
     def env(self) -> dict[str, str]:
         """The environment for SLURM clients (sbatch, squeue, snakemake's executor) on this cluster."""
-        path = os.environ.get("PATH", "")
-        for extra in ("/usr/sbin", "/sbin"):
-            if extra not in path.split(os.pathsep):
-                path += os.pathsep + extra
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": path}
+        return _with_sbin({**os.environ, "SLURM_CONF": str(self.conf)})
 
     def start(self, timeout_s: float = 60, install_timeout_s: float = 600) -> LocalSlurm:
         """Install if needed, start the daemons, wait for an idle node. Raises SlurmUnavailable."""
@@ -180,6 +198,7 @@ class LocalSlurm:
         atexit.register(self.stop)
         try:
             self._take_lock()
+            self._stop_leftovers(grace_s=10)
             self._write_conf()
             self._start_munge(timeout_s)
             deadline = time.monotonic() + timeout_s
@@ -204,7 +223,8 @@ class LocalSlurm:
             if ids:
                 self.client(["scancel", *ids], 5)
                 end = time.monotonic() + 5
-                while time.monotonic() < end and self.client(["squeue", "-h", "-t", "R,CG", "-o", "%i"], 3).stdout.strip():
+                busy = ["squeue", "-h", "-t", "R,CG", "-o", "%i"]
+                while time.monotonic() < end and self.client(busy, 3).stdout.strip():
                     time.sleep(0.2)
         # slurmd first: a slurmd whose controller is gone sits in a registration back-off.
         for name in ("slurmd", "slurmctld"):
@@ -217,16 +237,19 @@ class LocalSlurm:
                     proc.wait(grace_s)
                 except subprocess.TimeoutExpired:
                     proc.kill()  # observed: slurmd in its registration back-off ignores SIGTERM
-                    proc.wait(5)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
         if self._munged_pid is not None:
-            self._signal_and_wait(self._munged_pid, grace_s)
+            _terminate(self._munged_pid, _start_time(self._munged_pid), grace_s)
             self._munged_pid = None
         if self._linked:
             with contextlib.suppress(OSError):
                 if SYSTEM_CONF.is_symlink() and Path(os.readlink(SYSTEM_CONF)) == self.conf:
                     SYSTEM_CONF.unlink()
             self._linked = False
-        if self._lock is not None:
+        if self._lock is not None:  # only the lock holder owns the registry
+            with contextlib.suppress(OSError):
+                REGISTRY.unlink()
             os.close(self._lock)  # releases the flock
             self._lock = None
         atexit.unregister(self.stop)
@@ -236,10 +259,11 @@ class LocalSlurm:
         return _run(cmd, timeout, env=self.env)
 
     def jobs(self) -> list[dict[str, str]]:
-        """Every job slurmctld still remembers (finished ones for MinJobAge = 300 s): id, name, comment, state."""
+        """Every job slurmctld remembers (finished ones for MinJobAge = 300 s): id, name, comment, state."""
         out = self.client(["squeue", "--states=all", "-h", "-o", "%i|%j|%k|%T"], 10).stdout
         keys = ("id", "name", "comment", "state")
-        return [dict(zip(keys, line.split("|", 3), strict=True)) for line in out.splitlines() if line.count("|") == 3]
+        rows = [line.split("|", 3) for line in out.splitlines() if line.count("|") == 3]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of every daemon log, for failure messages."""
@@ -258,7 +282,8 @@ class LocalSlurm:
     # ----------------------------------------------------------------------------- private
     def _take_lock(self) -> None:
         # /etc/slurm/slurm.conf is machine-wide, so only one test cluster may run at a time.
-        fd = os.open(Path(tempfile.gettempdir()) / "sharpflow-local-slurm.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        lock = Path(tempfile.gettempdir()) / "sharpflow-local-slurm.lock"
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -268,9 +293,7 @@ class LocalSlurm:
 
     def _write_conf(self) -> None:
         if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
-            ours = SYSTEM_CONF.is_symlink() and (
-                not SYSTEM_CONF.exists() or SYSTEM_CONF.read_text(errors="replace").startswith(MARKER))
-            if not ours:
+            if not self._leftover_link():
                 raise SlurmUnavailable(f"{SYSTEM_CONF} exists and is not ours (a real SLURM install?); "
                                        "not touching it")
             SYSTEM_CONF.unlink()  # a leftover of an earlier run that could not clean up
@@ -315,6 +338,17 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         SYSTEM_CONF.symlink_to(self.conf)
         self._linked = True
 
+    @staticmethod
+    def _leftover_link() -> bool:
+        """Whether /etc/slurm/slurm.conf is a link an earlier test cluster left behind (safe to replace)."""
+        if not SYSTEM_CONF.is_symlink():
+            return False
+        if SYSTEM_CONF.exists():
+            return SYSTEM_CONF.read_text(errors="replace").startswith(MARKER)
+        # Dangling: ours only if it pointed into the temp dir (a real site's link may be an unmounted share).
+        target = Path(os.readlink(SYSTEM_CONF))
+        return target.name == "slurm.conf" and target.is_relative_to(tempfile.gettempdir())
+
     def _munge_ok(self) -> bool:
         cred = _run(["munge", "-n"], 5)
         return cred.returncode == 0 and _run(["unmunge"], 5, stdin=cred.stdout).returncode == 0
@@ -346,34 +380,56 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             pid = int(pidfile.read_text().strip())
             if _comm(pid) == "munged":
                 self._munged_pid = pid
+                self._register()
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         # A plain Popen of the daemon itself (no shell in between), so we hold its real PID.
         with open(self.logs / f"{name}.out", "ab") as out:
-            self._procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                                 env=self.env, start_new_session=True)
+            self._procs[name] = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True)
+        self._register()
 
-    def _wait(self, deadline: float, what: str, daemon: str, ready) -> None:
+    def _wait(self, deadline: float, what: str, daemon: str, ready: Callable[[], bool]) -> None:
         while not ready():
             proc = self._procs[daemon]
             if proc.poll() is not None:
-                raise SlurmUnavailable(f"{daemon} exited with rc {proc.returncode} while waiting for {what}:\n"
+                raise SlurmUnavailable(f"{daemon} exited (rc {proc.returncode}) while waiting for {what}:\n"
                                        f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 state = self.client(["sinfo", "-h", "-o", "%T %E"], 3).stdout.strip()
                 raise SlurmUnavailable(f"timed out waiting for {what} (sinfo: {state!r}):\n{self.log_tail()}")
             time.sleep(0.2)
 
+    def _register(self) -> None:
+        lines = [f"{p.pid} {_start_time(p.pid)} {name}" for name, p in self._procs.items()]
+        if self._munged_pid is not None:
+            lines.append(f"{self._munged_pid} {_start_time(self._munged_pid)} munged")
+        REGISTRY.write_text("\n".join(lines) + "\n")
+
     @staticmethod
-    def _signal_and_wait(pid: int, grace_s: float) -> None:
-        """SIGTERM a daemon we started but do not parent (munged forks), SIGKILL it after ``grace_s``."""
-        if not _alive(pid) or _comm(pid) != "munged":
-            return
+    def _stop_leftovers(grace_s: float) -> None:
+        """Stop the daemons of an earlier test cluster whose run died without teardown (we hold the lock)."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in REGISTRY.read_text().splitlines():
+                pid, start, name = line.split()
+                if name in DAEMONS and _comm(int(pid)) == name:
+                    _terminate(int(pid), start, grace_s)
+            REGISTRY.unlink()
+
+
+def _terminate(pid: int, start: str, grace_s: float) -> None:
+    """SIGTERM a daemon we started but may not parent (munged forks), SIGKILL it after ``grace_s``.
+
+    ``start`` (its start time) guards against a recycled PID: another process is never signalled.
+    """
+    if not start or _start_time(pid) != start or not _alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    if _alive(pid) and _start_time(pid) == start:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + grace_s
-        while _alive(pid) and time.monotonic() < end:
-            time.sleep(0.1)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)

@@ -22,6 +22,7 @@ rule spectrum:
     threads: RES.spectrum.threads
     resources:
         gpu=RES.spectrum.gpu,
+        gpu_model=RES.spectrum.gpu_model,
         mem_mb=RES.spectrum.mem_mb,
         runtime=RES.spectrum.runtime,
     shell:
@@ -51,6 +52,7 @@ rule project:
     threads: RES.project.threads
     resources:
         gpu=RES.project.gpu,
+        gpu_model=RES.project.gpu_model,
         mem_mb=RES.project.mem_mb,
         runtime=RES.project.runtime,
     shell:
@@ -96,6 +98,7 @@ rule escape:
     threads: RES.project.threads
     resources:
         gpu=RES.project.gpu,
+        gpu_model=RES.project.gpu_model,
         mem_mb=RES.project.mem_mb,
         runtime=RES.project.runtime,
     shell:

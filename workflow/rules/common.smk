@@ -123,7 +123,7 @@ from sharpflow.tables import KINDS as TABLE_KINDS
 
 
 def run_outputs(run):
-    """What `rule all` wants of one run: metrics, and its aggregated analyses if analysed."""
+    """The final outputs of one run: metrics, plus its aggregated analyses if analysed."""
     out = [f"{R}/runs/{run}/metrics.parquet"]
     if run in ANALYSED:
         out.append(f"{R}/runs/{run}/spectrum.parquet")

@@ -12,6 +12,7 @@ rule prepare:
         ENV
     log:
         f"{R}/logs/prepare/{{dataset}}.log",
+    localrule: True  # downloads need the network, which compute nodes often lack
     resources:
         mem_mb=4000,
         runtime=60,

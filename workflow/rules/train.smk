@@ -24,6 +24,7 @@ for _run, _rc in RUNS.items():
         threads: RES.train.threads
         resources:
             gpu=RES.train.gpu,
+            gpu_model=RES.train.gpu_model,
             mem_mb=RES.train.mem_mb,
             runtime=RES.train.runtime,
         shell:
