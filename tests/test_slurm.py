@@ -176,22 +176,22 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     out = slurm_log.read_text()
     assert rc == 0, f"{out[-6000:]}\n{slurm_cluster.log_tail()}"
 
-    # SLURM's own record: exactly prepare, train and one group submission, all completed; the
-    # aggregate rules (localrule) never reached the cluster.
+    # SLURM's own record: exactly train and one group submission, all completed; prepare (which may
+    # download) and the aggregate rules are local rules and never reached the cluster.
     run_id = re.search(r"SLURM run ID: (\S+)", out)
     assert run_id, out[-3000:]
     jobs = [j for j in slurm_cluster.jobs() if j["name"] == run_id.group(1)]
     comments = sorted(j["comment"] for j in jobs)
-    assert len(jobs) == 3, jobs
+    assert len(jobs) == 2, jobs
     assert comments[0].startswith("rule_analysis") and "project" in comments[0] and "spectrum" in comments[0]
-    assert comments[1].startswith("rule_prepare") and comments[2] == "rule_train_tiny", comments
+    assert comments[1] == "rule_train_tiny", comments
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     for job in jobs:  # gpu: 0 in the config means no GPU request at all
         shown = slurm_cluster.client(["scontrol", "show", "job", job["id"]]).stdout
         assert f"Partition={slurm_cluster.partition}" in shown and "gpu" not in shown.lower(), shown
     logs = slurm_dir / ".snakemake" / "slurm_logs"
     assert {p.name.split("_")[0] for p in logs.iterdir()} == {"group", "rule"}
-    assert len(list(logs.rglob("*.log"))) == 3
+    assert len(list(logs.rglob("*.log"))) == 2
 
     # The same numbers as the local run: every aggregated table (timings aside) and the eigenvectors.
     for name in TABLES:

@@ -150,7 +150,8 @@ def code_inputs(package, kind):
     """The plotting code a figure or table depends on: its own module and the shared ones."""
     mod = __import__(f"sharpflow.{package}", fromlist=["MODULES"])
     names = [mod.MODULES[kind], *mod.SHARED_MODULES]
-    return [os.path.relpath(os.path.join(mod.DIRECTORY, n), workflow.basedir) for n in names]
+    # absolute: the working directory (-d) need not be the repository
+    return [os.path.normpath(os.path.join(mod.DIRECTORY, n)) for n in names]
 
 
 def caption(package, kind):
