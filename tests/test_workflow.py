@@ -7,7 +7,10 @@ configs against that finished tree and check exactly which jobs Snakemake would 
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
+import json
 import os
 import re
 import shutil
@@ -196,7 +199,7 @@ def test_snakemake_resumes_a_killed_training_bitwise(tmp_path):
     """SIGKILL the whole Snakemake process group mid-training, several times; then finish."""
     cfg = tiny_config(tmp_path / "results")
     cfg["studies"] = {"long": {"base": {"steps": 400, "checkpoints": {"every_epochs": 2}}, "analyse": False}}
-    cfg["figures"], cfg["tables"] = {}, {}
+    cfg["figures"], cfg["tables"], cfg["escape"] = {}, {}, {}
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     ref_cfg = copy.deepcopy(cfg)
@@ -219,6 +222,8 @@ def test_snakemake_resumes_a_killed_training_bitwise(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
+        # a killed Snakemake leaves its lock behind: what a user does next
+        subprocess.run([*cmd, "--unlock"], cwd=work, env=env, capture_output=True, check=True)
         if metrics.exists():
             break
     final = subprocess.run([*cmd, "--rerun-incomplete"], cwd=work, env=env, capture_output=True, text=True)
@@ -238,13 +243,13 @@ def test_snakemake_resumes_a_killed_training_bitwise(tmp_path):
 
 def test_dry_run_of_a_5000_job_sweep_is_fast(tmp_path):
     cfg = tiny_config(tmp_path / "results")
-    # 10 x 10 x 2 = 200 runs x 12 checkpoints x (spectrum + project) ≈ 5,000 jobs
-    cfg["studies"] = {"big": {"base": {"steps": 160, "checkpoints": {"every_epochs": 1.5}},
+    # 10 x 10 x 2 = 200 runs x 13 checkpoints x (spectrum + project) ≈ 5,000 jobs
+    cfg["studies"] = {"big": {"base": {"steps": 192, "checkpoints": {"every_epochs": 1}},
                               "sweep": {"optimizer.lr": [round(0.01 * i, 2) for i in range(1, 11)],
                                         "optimizer.momentum": [round(0.05 * i, 2) for i in range(10)],
                                         "seed": [0, 1]}}}
     cfg["figures"] = {"grid": {"kind": "grid", "studies": ["big"]}}
-    cfg["tables"] = {}
+    cfg["tables"], cfg["escape"] = {}, {}
     t0 = time.perf_counter()
     jobs = planned(tmp_path, cfg)
     took = time.perf_counter() - t0
@@ -263,7 +268,19 @@ def test_report_renders_in_headless_chromium(finished, tmp_path):
     proc = snakemake(work, cfg, "--report", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = report.read_text()
-    assert "eta_grid" in html and "alignment" in html
+    # Every figure and table is embedded with its caption, and every embedded PNG decodes.
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.S).group(1))
+    names = {v["filename"] for v in results.values()}
+    assert names == {f"{f}.png" for f in cfg["figures"]} | {f"{t}.csv" for t in cfg["tables"]}
+    import matplotlib.image as mpimg
+
+    for entry in results.values():
+        assert entry["caption"].strip() and "problematic" not in entry["caption"], entry["filename"]
+        assert "spec=" in entry["job_properties"]["params"]  # the config the item came from
+        if entry["filename"].endswith(".png"):
+            raw = base64.b64decode(entry["data_uri"].split("base64,", 1)[1])
+            image = mpimg.imread(io.BytesIO(raw), format="png")
+            assert image.shape[0] > 100 and image.shape[1] > 100
     shot = tmp_path / "shot.png"
     dom = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -272,7 +289,7 @@ def test_report_renders_in_headless_chromium(finished, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<body" in dom.stdout
+    assert "<body" in dom.stdout and "Figures" in dom.stdout and "Tables" in dom.stdout
     subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          f"--user-data-dir={tmp_path / 'chrome2'}", "--window-size=1200,900", f"--screenshot={shot}",
