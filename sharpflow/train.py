@@ -200,11 +200,14 @@ class _Stash:
         if not path.exists():
             return None
         try:
-            state = load_torch(path, required=("digest", "step", "model", "optimizer"), what="resume state")
+            state = load_torch(path, required=("digest", "step", "optimizer"), what="resume state")
+            if state["digest"] != self.digest:
+                return None  # the run's config changed: start afresh
+            # the weights live in the stashed checkpoints, not twice on disk
+            state["model"] = load_torch(self.checkpoint(int(state["step"])), required=("model",))["model"]
+            state["model0"] = load_torch(self.checkpoint(0), required=("model",))["model"]
         except SharpflowError:
             return None  # an unreadable resume state only costs a restart
-        if state["digest"] != self.digest:
-            return None  # the run's config changed: start afresh
         return state
 
     def clear(self) -> None:
@@ -274,10 +277,11 @@ def train(
     start, wall_offset, status = 0, 0.0, "ok"
     state = stash.load()
     if state is not None:
+        model.load_state_dict(state["model0"])
+        theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.state = dict(state["schedule"])
-        theta0 = state["theta0"].to(device)
         rows = json.loads(state["rows"])
         start, wall_offset, status = int(state["step"]), float(state["wall_s"]), str(state["status"])
         for s in steps:
@@ -314,8 +318,8 @@ def train(
               "epoch": step / spe, "status": status, "run": run_name, "format": FORMAT_VERSION["train"]}
         save_torch(stash.checkpoint(step), ck)
         save_torch(stash.state(), durable=False, obj={
-            "digest": stash.digest, "step": step, "model": ck["model"], "optimizer": opt.state_dict(),
-            "schedule": sched.state, "theta0": theta0.cpu(), "rows": json.dumps(rows), "wall_s": wall(),
+            "digest": stash.digest, "step": step, "optimizer": opt.state_dict(),
+            "schedule": sched.state, "rows": json.dumps(rows), "wall_s": wall(),
             "status": status,
         })
         _publish(stash.checkpoint(step), ckpt_dir / ckpt_name(step))
