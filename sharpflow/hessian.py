@@ -331,8 +331,6 @@ class EigenResult:
 
 
 _TINY = 1e-30
-import os
-_DEBUG = bool(os.environ.get('SFDEBUG'))
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -560,9 +558,6 @@ def _block_krylov(
         th = theta[cand]
         resid = prods @ s[:, cand] - u * th
         conv = resid.norm(dim=0) <= tol * th.abs().clamp_min(_TINY)
-        if _DEBUG:
-            rr = resid.norm(dim=0)[:k] / th[:k].abs()
-            print(count, n, " ".join(f"{float(a):.3g}" for a in th[:k]), "|", " ".join(f"{float(a):.0e}" for a in rr), flush=True)
         if bool(conv[:k].all()) or n >= dim:
             break
         if count >= max_matvecs:
