@@ -6,19 +6,21 @@ examples, in the flat parameter coordinates of :mod:`sharpflow.params`. The solv
 ``dim`` and ``matvec`` accepting a (D,) vector or a (D, m) block, so they work on
 :class:`DenseOperator` (tests, users) as well.
 
-Design choices, measured on a 288k-parameter CNN with 512 examples on 2 CPU cores (see
-``bench/hessian.py``):
+Design choices, measured on a 288k-parameter CNN with 512 examples on a shared 2-core CPU
+(``bench/hessian.py`` prints the numbers):
 
-- HVPs are done in blocks: the gradient graph of each chunk is built once and reused for every
-  vector of the block (double backward), so a block of m vectors costs one forward/backward
-  with ``create_graph`` plus m second-order backward passes. Per vector that is ~2.1-2.3 gradients
-  for m ≈ 8-10 against ~2.9 for a lone vector. ``torch.func`` forward-over-reverse with ``vmap``
-  over the block is available (``method="fwd_rev"``) but its batching rules for convolutions are
-  slower on CPU, so ``"auto"`` picks double backward.
-- The eigensolver is a block Krylov method with explicit Rayleigh-Ritz over stored products
-  W = H V, full (twice-applied) reorthogonalisation and thick restarts. Keeping W makes every
-  reported residual ‖Hu − λu‖ a *true* residual, computed from actual Hessian products by
-  linearity (u = V s, Hu = W s), at no extra matvec, not an estimate from a recurrence.
+- The operator is fixed (θ and the N examples do not change), so by default it pays for the
+  primal computation once: ``torch.func.linearize`` traces each chunk's forward-over-reverse
+  product with the forward and backward values folded in as constants, and a product then only
+  pushes tangents through that program, about 1.3-1.9 gradients' time, against about 3 for a
+  product that redoes the forward and backward (what ARPACK over a plain HVP pays). Blocks
+  (``vmap``) of tangents were slower than a loop on CPU; a block still counts as m products.
+- The eigensolver is thick-restart Lanczos (Krylov-Schur style) with full reorthogonalisation,
+  block capable, with explicit Rayleigh-Ritz over stored products W = H V. Keeping W makes every
+  reported residual ‖Hu − λu‖ a true residual, computed from actual Hessian products by
+  linearity (u = V s, Hu = W s), at no extra product. On CNN Hessians, single-vector Lanczos
+  needed the fewest products (blocks of 2-10 needed 20-150% more), so it is the default; its
+  advantage over ARPACK is mostly the cheaper product and checking convergence every step.
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ __all__ = [
 ]
 
 _METHODS = ("fwd_rev", "double_backward")
-# Measured fastest on CPU (module docstring); forward-over-reverse stays selectable.
-_AUTO_METHOD = "double_backward"
 
 
 class LinearOperator(Protocol):
@@ -109,13 +109,20 @@ class HessianOperator:
             operator then depends on the chunking and is not deterministic.
         chunk_size: if given, the examples are concatenated and re-split into chunks of at most
             this many, bounding memory; the operator is the same up to float rounding.
-        method: ``"double_backward"`` (gradient graph built once per chunk and reused for all
-            vectors of a block), ``"fwd_rev"`` (``torch.func.jvp`` of ``torch.func.grad``, ``vmap``
-            over the block) or ``"auto"`` (the faster on CPU: double backward).
-        cache_graph: double backward only: build every chunk's gradient graph once and keep it
-            for the operator's lifetime, so each product costs only the second backward pass
-            (≈2 gradients instead of ≈3 for a lone vector). Memory: the activations and
-            gradient graph of all N examples at once, which ``chunk_size`` then no longer bounds.
+        method: how a product is taken (all exact):
+            ``"fwd_rev"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``. With
+            the cache, ``torch.func.linearize`` traces each chunk once and keeps the primal values,
+            so a product only pushes tangents: ≈1.3-1.9 gradients (the fastest measured). Without
+            it, each call recomputes the primal and ``vmap``s the tangents of a block.
+            ``"double_backward"``: reverse-over-reverse; the gradient graph (``create_graph``) is
+            built once per chunk per call, or once for good with the cache, and reused for every
+            vector: ≈2.5 gradients per vector plus ≈1 per chunk and call.
+            ``"auto"``: ``"fwd_rev"`` with the cache, ``"double_backward"`` without (measured on
+            a CNN on CPU; see the module docstring).
+        cache_graph: keep per-chunk state for the operator's lifetime (the linearized tangent
+            program, or the gradient graph) so the primal forward/backward is paid once, not per
+            product. Memory: the activations of all N examples at once (``chunk_size`` then only
+            sets the work per call); set False to hold one chunk at a time.
 
     Attributes:
         dim: D, number of trainable scalars.
@@ -134,10 +141,11 @@ class HessianOperator:
         eval_mode: bool = True,
         chunk_size: int | None = None,
         method: str = "auto",
-        cache_graph: bool = False,
+        cache_graph: bool = True,
     ) -> None:
+        self.cache_graph = bool(cache_graph)
         if method == "auto":
-            method = _AUTO_METHOD
+            method = "fwd_rev" if self.cache_graph else "double_backward"
         if method not in _METHODS:
             raise ValueError(f"method must be one of {(*_METHODS, 'auto')}, got {method!r}")
         if not batches:
@@ -176,8 +184,8 @@ class HessianOperator:
             (x, y, x.shape[0] / self.num_examples) for x, y in zip(xs, ys, strict=True) if x.shape[0] > 0
         ]
         self.matvecs: int = 0
-        self.cache_graph = bool(cache_graph) and method == "double_backward"
         self._graphs: list[tuple[list[Tensor], list[Tensor], list[int]]] | None = None
+        self._linear: list[Callable[[dict[str, Tensor]], dict[str, Tensor]]] | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _leaves(self) -> dict[str, Tensor]:
@@ -199,7 +207,9 @@ class HessianOperator:
         rows = block.T.contiguous()  # (m, D): one row per vector, contiguous for unflatten
         out = torch.zeros_like(rows)
         with torch.enable_grad():
-            if self.cache_graph:
+            if self.cache_graph and self.method == "fwd_rev" and self._matvec_linearized(rows, out):
+                pass
+            elif self.cache_graph:
                 if self._graphs is None:
                     self._graphs = [self._grad_graph(x, y) for x, y, _ in self._chunks]
                 for graph, (_, _, w) in zip(self._graphs, self._chunks, strict=True):
@@ -216,6 +226,41 @@ class HessianOperator:
         self.matvecs += m
         out = out.T
         return out[:, 0] if single else out
+
+    def _linearized(self) -> list[Callable[[dict[str, Tensor]], dict[str, Tensor]]]:
+        """Per chunk, v ↦ H_c v as a traced tangent program with the primal values folded in."""
+        if self._linear is None:
+            from torch.func import grad, linearize
+
+            params = {n: p.detach() for n, p in self._like.items()}
+            linear = []
+            for x, y, _ in self._chunks:
+                grad_fn = grad(lambda p, x=x, y=y: self._loss(p, x, y))
+                with warnings.catch_warnings():
+                    # const-folding the trace warns about its own bookkeeping; nothing to act on
+                    warnings.simplefilter("ignore", UserWarning)
+                    linear.append(linearize(grad_fn, params)[1])
+            self._linear = linear
+        return self._linear
+
+    def _matvec_linearized(self, rows: Tensor, out: Tensor) -> bool:
+        """Cached forward-over-reverse; False (with a warning, once) if the model cannot be traced."""
+        try:
+            linear = self._linearized()
+        except Exception as err:  # make_fx cannot trace every model (e.g. data-dependent Python)
+            warnings.warn(
+                f"HessianOperator: torch.func.linearize failed ({type(err).__name__}: {err}); "
+                "using cached double backward instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.method = "double_backward"
+            return False
+        for j in range(rows.shape[0]):
+            v = unflatten(rows[j], self._like)
+            for fn, (_, _, w) in zip(linear, self._chunks, strict=True):
+                out[j].add_(flatten(fn(v)), alpha=w)
+        return True
 
     def _grad_graph(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], list[int]]:
         """θ leaves, the chunk's gradient built with ``create_graph``, and which entries depend on θ."""
@@ -331,6 +376,7 @@ class EigenResult:
 
 
 _TINY = 1e-30
+_WARM_NOISE = 0.1  # norm of the random part of a warm start vector, relative to the rest
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -339,16 +385,16 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(key, descending=True, stable=True)
 
 
-def _orthonormalize(x: Tensor, basis: Tensor, drop_tol: float) -> Tensor:
+def _orthonormalize(x: Tensor, basis: Tensor, drop_tol: float, passes: int = 2) -> Tensor:
     """Columns of ``x`` made orthonormal to ``basis`` (D, n) and to each other.
 
-    Classical Gram-Schmidt applied twice ("twice is enough") against the basis as two GEMMs, then
+    Classical Gram-Schmidt against the basis, ``passes`` times as GEMMs ("twice is enough"), then
     modified Gram-Schmidt with re-orthogonalisation inside the block. A column whose norm falls
     below ``drop_tol`` times its norm before projection adds nothing new and is dropped.
     """
     norms0 = x.norm(dim=0).clamp_min(_TINY)
     if basis.shape[1]:
-        for _ in range(2):
+        for _ in range(passes):
             x = x - basis @ (basis.T @ x)
     cols: list[Tensor] = []
     for j in range(x.shape[1]):
@@ -414,13 +460,17 @@ def top_eigenpairs(
         k: number of eigenpairs.
         tol: convergence when ‖Hu − λu‖ <= tol · |λ| for each of the k pairs.
         v0: warm start: a (D,) vector or (k', D) rows, e.g. the eigenvectors at a nearby point.
-            The lanczos backend puts all rows into its first block; arpack uses their sum.
+            With ``block_size=1`` (and for arpack) the start vector is the sum of the normalised
+            rows plus 10% noise; with blocks, the rows form the first block.
         which: "LA" (largest algebraic) or "LM" (largest magnitude).
         backend: "lanczos" (block Krylov, below) or "arpack" (``scipy.sparse.linalg.eigsh``).
         max_matvecs: budget of products (default 1000 + 50k). When it runs out the current
             pairs are returned with ``converged`` False where they are not, and a warning is
             issued. For "arpack" the budget is mapped to ARPACK restarts, so it is approximate.
-        block_size: vectors per block product (lanczos); default ``min(k, 8)``.
+        block_size: vectors per block product (lanczos); default 1, i.e. thick-restart Lanczos,
+            which needed the fewest products on CNN Hessians (bench/hessian.py). Use a block at
+            least as large as the multiplicity of an exactly repeated eigenvalue: a single-vector
+            Krylov space holds only one vector of each eigenspace.
         seed: seed of the random start vectors.
         progress: show a tqdm bar of products.
         max_basis: lanczos basis size before a thick restart (default ``max(3k, k + 5b)``).
@@ -481,13 +531,14 @@ def _block_krylov(
     progress: bool,
     verify: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
-    """Block Krylov eigensolver with explicit Rayleigh-Ritz and thick restart.
+    """(Block) Lanczos with full reorthogonalisation, explicit Rayleigh-Ritz and thick restart.
 
-    The basis V (D, n) is orthonormal; W = H V holds the products. Each step Rayleigh-Ritz on
-    T = Vᵀ W gives Ritz pairs (θ, u = V s) with Hu = W s, so residuals are true ones. The next
-    block is the residuals of the best unconverged Ritz pairs: they lie in the next Krylov block
-    (R = (I − VVᵀ) W S), and converged pairs no longer spend products. When V is full it is
-    compressed to the best Ritz vectors (V ← V S, W ← W S), which costs no product.
+    The basis V (D, n) is orthonormal and W = H V holds the products. Each step adds the next
+    Krylov block, (I − VVᵀ) H X, and does Rayleigh-Ritz on T = Vᵀ W: Ritz pairs (θ, u = V s) have
+    Hu = W s, so residuals ‖W s − θ V s‖ are true ones. They are tracked cheaply through the Gram
+    matrix G = WᵀW (‖r‖² = sᵀGs − θ², no pass over D-vectors) and, once that says the pairs have
+    converged, confirmed from the vectors themselves. When V is full it is compressed to the best
+    Ritz vectors (V ← VS, W ← WS, a Krylov-Schur restart), which costs no product.
 
     V and W are kept in float64 whatever the operator's dtype: float32 inner products over
     D ~ 10⁵-10⁶ entries err by ~1e-5 relative, which would put a floor of that order under the
@@ -496,34 +547,46 @@ def _block_krylov(
     dim = op.dim
     dtype, device = _op_dtype(op), _op_device(op)
     wd = torch.float64
-    b = max(1, min(block_size or min(k, 8), dim))
-    nmax = min(dim, max_basis or max(3 * k, k + 5 * b))
+    b = max(1, min(block_size or 1, dim))
+    if v0 is not None and b > 1:
+        b = max(b, v0.shape[0])  # the rows are the first block of a block Krylov space
+    nmax = min(dim, max_basis or max(3 * k, k + 5 * b, 30))
     if nmax <= k and nmax < dim:
         raise ValueError(f"max_basis={nmax} must exceed k={k}")
     keep = max(k, min(nmax - b, max(k + b, (nmax + k) // 2)))
     drop_tol = 1e-10  # columns with less than this fraction of their norm left are dependent
+    gram_floor = 1e-6  # below this relative residual, sᵀGs − θ² is cancellation noise: check vectors
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(m: int) -> Tensor:
         return torch.randn(dim, m, generator=gen, dtype=wd).to(device)
 
+    if v0 is None:
+        x = randn(b)
+    elif b == 1:
+        # One Lanczos run from the sum of the previous vectors: it is rich in every one of them,
+        # and a Krylov space grown from one vector beats a block. A little noise keeps every
+        # direction reachable (an eigenvector new to the top k).
+        rows = v0.T.to(dtype=wd, device=device)
+        start = (rows / rows.norm(dim=0).clamp_min(_TINY)).sum(dim=1)
+        z = randn(1)[:, 0]
+        x = (start / start.norm().clamp_min(_TINY) + _WARM_NOISE * z / z.norm())[:, None]
+    else:
+        x = v0.T.to(dtype=wd, device=device)[:, : nmax - b]
+        if x.shape[1] < b:
+            x = torch.cat([x, randn(b - x.shape[1])], dim=1)
+
     count = 0
     tick = _progress_bar(progress, max_matvecs)
     basis = torch.zeros(dim, 0, dtype=wd, device=device)
     prods = torch.zeros(dim, 0, dtype=wd, device=device)
-    proj = torch.zeros(0, 0, dtype=wd, device=device)  # T = Vᵀ H V, kept symmetric
-
-    if v0 is not None:
-        x = v0.T.to(dtype=wd, device=device)[:, : nmax - b]
-        if x.shape[1] < b:
-            x = torch.cat([x, randn(b - x.shape[1])], dim=1)
-    else:
-        x = randn(b)
-
+    proj = torch.zeros(0, 0, dtype=wd, device=device)  # T = VᵀW
+    gram = torch.zeros(0, 0, dtype=wd, device=device)  # G = WᵀW
     hit_budget = False
+    passes = 2
     while True:
-        x = _orthonormalize(x, basis, drop_tol)
-        if x.shape[1] == 0:  # the residual directions are all in span(V): refill at random
+        x = _orthonormalize(x, basis, drop_tol, passes)
+        if x.shape[1] == 0:  # the Krylov space is invariant: continue from a random direction
             x = _orthonormalize(randn(b), basis, drop_tol)
             if x.shape[1] == 0:
                 break  # V spans the whole space
@@ -534,42 +597,40 @@ def _block_krylov(
         hx = op.matvec(x.to(dtype)).to(dtype=wd, device=device)
         count += x.shape[1]
         tick(x.shape[1])
-        n = basis.shape[1]
-        cross = basis.T @ hx
-        diag = x.T @ hx
-        t = torch.zeros(n + x.shape[1], n + x.shape[1], dtype=wd, device=device)
-        t[:n, :n] = proj
-        t[:n, n:] = cross
-        t[n:, :n] = cross.T
-        t[n:, n:] = 0.5 * (diag + diag.T)
-        proj = t
+        new = torch.cat([basis, x], dim=1).T @ hx  # (n + m, m): the new columns of T
+        proj = _grow(proj, new[: -x.shape[1]], new[-x.shape[1] :])
+        gnew = torch.cat([prods, hx], dim=1).T @ hx
+        gram = _grow(gram, gnew[: -x.shape[1]], gnew[-x.shape[1] :])
         basis = torch.cat([basis, x], dim=1)
         prods = torch.cat([prods, hx], dim=1)
+        # Next Krylov block, projected once here; the orthonormalisation above adds the second pass.
+        x = hx - basis @ new
+        passes = 1
 
         theta, s = torch.linalg.eigh(proj)
         order = _order(theta, which)
         n = basis.shape[1]
-        if n < k:  # not enough Ritz pairs yet: expand with the Krylov block
-            x = hx
+        if n < k:
             continue
-        # Residuals of the k wanted and the next b candidates, from stored products.
-        cand = order[: min(n, k + b)]
-        u = basis @ s[:, cand]
-        th = theta[cand]
-        resid = prods @ s[:, cand] - u * th
-        conv = resid.norm(dim=0) <= tol * th.abs().clamp_min(_TINY)
-        if bool(conv[:k].all()) or n >= dim:
+        want = order[:k]
+        sw, tw = s[:, want], theta[want]
+        est = ((sw * (gram @ sw)).sum(dim=0) - tw.square()).clamp_min(0).sqrt() / tw.abs().clamp_min(_TINY)
+        done = n >= dim
+        if not done and bool((est <= max(tol, gram_floor)).all()):
+            # Confirm on the vectors: the Gram estimate cannot resolve residuals below ~1e-7.
+            res = (prods @ sw - (basis @ sw) * tw).norm(dim=0)
+            done = bool((res <= tol * tw.abs()).all())
+        if done:
             break
         if count >= max_matvecs:
             hit_budget = True
             break
-        # Expand with residuals of the best unconverged candidates (soft locking).
-        pick = [i for i in range(len(cand)) if not conv[i]][:b]
-        x = resid[:, pick]
         if n + x.shape[1] > nmax:  # thick restart: keep the best Ritz vectors and their products
             sk = s[:, order[:keep]]
             basis, prods = basis @ sk, prods @ sk
             proj = torch.diag(theta[order[:keep]])
+            gram = sk.T @ gram @ sk
+            passes = 2  # x is orthogonal to the old, larger basis; one more pass costs little
 
     theta, s = torch.linalg.eigh(proj)
     ss = s[:, _order(theta, which)[:k]]
@@ -588,6 +649,17 @@ def _block_krylov(
             stacklevel=3,
         )
     return lam, vecs.to(dtype), res, rel, conv, count
+
+
+def _grow(mat: Tensor, cross: Tensor, corner: Tensor) -> Tensor:
+    """Symmetric [[mat, cross], [crossᵀ, corner]] with the corner symmetrised."""
+    n, m = cross.shape
+    out = torch.empty(n + m, n + m, dtype=mat.dtype, device=mat.device)
+    out[:n, :n] = mat
+    out[:n, n:] = cross
+    out[n:, :n] = cross.T
+    out[n:, n:] = 0.5 * (corner + corner.T)
+    return out
 
 
 def _arpack(
@@ -616,10 +688,11 @@ def _arpack(
         return op.matvec(v).detach().cpu().numpy().astype(np_dtype, copy=False)
 
     lin = ScipyOperator((dim, dim), matvec=mv, dtype=np_dtype)
-    if v0 is not None:
-        start = v0.to(dtype=torch.float64).sum(dim=0).cpu().numpy()
-    else:
-        start = np.random.default_rng(seed).standard_normal(dim)
+    start = np.random.default_rng(seed).standard_normal(dim)
+    if v0 is not None:  # as for lanczos: the sum of the normalised rows, plus 10% noise
+        rows = v0.to(dtype=torch.float64).cpu()
+        warm = (rows / rows.norm(dim=1, keepdim=True).clamp_min(_TINY)).sum(dim=0).numpy()
+        start = warm / max(np.linalg.norm(warm), _TINY) + _WARM_NOISE * start / np.linalg.norm(start)
     ncv = min(dim, max(2 * k + 1, 20))
     # ARPACK counts restarts, not products: about ncv - k products per restart after the first ncv.
     maxiter = max(1, (max_matvecs - ncv) // max(1, ncv - k) + 1)
@@ -637,8 +710,7 @@ def _arpack(
     lam, vecs_t, res, rel, conv = _finish(u, hu, tol, which)
     if hit_budget or not bool(conv.all()):
         warnings.warn(
-            f"top_eigenpairs(arpack): {int(conv.sum())} of {k} pairs within tol={tol} "
-            f"after {count} products",
+            f"top_eigenpairs(arpack): {int(conv.sum())} of {k} pairs within tol={tol} after {count} products",
             RuntimeWarning,
             stacklevel=3,
         )

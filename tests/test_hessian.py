@@ -40,9 +40,7 @@ def tiny_mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)
-    ).to(DT)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DT)
 
 
 def data(sizes: list[int], shape: tuple[int, ...] = (5,), seed: int = 1) -> list[tuple[Tensor, Tensor]]:
@@ -89,29 +87,42 @@ def dense_residuals(a: Tensor, vals: Tensor, vecs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
 @pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn])
-def test_hvp_equals_dense_hessian(method: str, make) -> None:
+def test_hvp_equals_dense_hessian(method: str, cache: bool, make) -> None:
     model = make()
     batches = data([6, 6], shape=(2, 6, 6)) if make is tiny_cnn else data([6, 6])
     h = dense_hessian(model, batches)
-    op = HessianOperator(model, F.cross_entropy, batches, method=method)
+    op = HessianOperator(model, F.cross_entropy, batches, method=method, cache_graph=cache)
     assert op.dim == h.shape[0] and op.num_examples == 12
     gen = torch.Generator().manual_seed(3)
     v = torch.randn(op.dim, generator=gen, dtype=DT)
     block = torch.randn(op.dim, 4, generator=gen, dtype=DT)
-    torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.matvec(block), h @ block, rtol=1e-10, atol=1e-12)
-    assert op.matvecs == 5  # a block of 4 counts 4
-
-
-def test_cached_graph_is_the_same_operator() -> None:
-    model, batches = tiny_mlp(), data([5, 7])
-    h = dense_hessian(model, batches)
-    op = HessianOperator(model, F.cross_entropy, batches, cache_graph=True)
-    v = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
-    for _ in range(2):  # the second call reuses the stored graphs
+    for _ in range(2):  # the second round runs on whatever the first one cached
         torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.matvec(block), h @ block, rtol=1e-10, atol=1e-12)
+    assert op.matvecs == 10  # a block of 4 counts 4
+
+
+def test_untraceable_model_falls_back_to_double_backward() -> None:
+    class Branchy(nn.Module):  # Python control flow on a tensor value: make_fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3).to(DT)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.lin(x)
+            return torch.tanh(out) if out.detach().sum() > 0 else out.square()
+
+    model, batches = Branchy(), data([6])
+    h = dense_hessian(model, batches)
+    op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
+    v = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    with pytest.warns(RuntimeWarning, match="linearize failed"):
+        hv = op.matvec(v)
+    torch.testing.assert_close(hv, h @ v, rtol=1e-10, atol=1e-12)
+    assert op.method == "double_backward"
 
 
 def test_uneven_batches_weight_every_example_equally() -> None:
@@ -242,6 +253,24 @@ def test_warm_start_needs_fewer_products() -> None:
     torch.testing.assert_close(warm.eigenvalues, torch.linalg.eigvalsh(b).flip(0)[:6], rtol=1e-9, atol=0)
     assert bool(warm.converged.all()) and bool(cold.converged.all())
     assert warm.matvecs < 0.75 * cold.matvecs
+
+
+def test_warm_start_helps_lanczos_at_a_bulk_edge() -> None:
+    # Six outliers just above a dense bulk reaching 8: like a network's Hessian, the last pairs
+    # need many products whatever the start, but the previous vectors still save some.
+    a, _ = rand_sym([10.0, 9.5, 9.0, 8.8, 8.6, 8.5], 300, seed=5)
+    gen = torch.Generator().manual_seed(15)
+    lam, q = torch.linalg.eigh(a)
+    lam[:-6] = 8.0 * torch.rand(294, generator=gen, dtype=DT)
+    a = (q * lam) @ q.T
+    e = 0.005 * torch.randn(300, 300, generator=gen, dtype=DT)
+    b = a + (e + e.T) / 2
+    prev = top_eigenpairs(DenseOperator(a), 6, tol=1e-6)
+    cold = top_eigenpairs(DenseOperator(b), 6, tol=1e-6)
+    warm = top_eigenpairs(DenseOperator(b), 6, tol=1e-6, v0=prev.eigenvectors)
+    torch.testing.assert_close(warm.eigenvalues, torch.linalg.eigvalsh(b).flip(0)[:6], rtol=1e-9, atol=0)
+    assert bool(warm.converged.all()) and bool(cold.converged.all())
+    assert warm.matvecs < 0.9 * cold.matvecs
 
 
 def test_budget_exhausted_is_reported_not_hidden() -> None:
