@@ -10,11 +10,14 @@ Design choices, measured on a 288k-parameter CNN with 512 examples on a shared 2
 (``bench/hessian.py`` prints the numbers):
 
 - The operator is fixed (θ and the N examples do not change), so by default it pays for the
-  primal computation once: ``torch.func.linearize`` traces each chunk's forward-over-reverse
-  product with the forward and backward values folded in as constants, and a product then only
-  pushes tangents through that program, about 1.3-1.9 gradients' time, against about 3 for a
-  product that redoes the forward and backward (what ARPACK over a plain HVP pays). Blocks
-  (``vmap``) of tangents were slower than a loop on CPU; a block still counts as m products.
+  primal computation once and keeps it (``cache_graph``): either each chunk's gradient graph
+  (``create_graph``), after which a product is one second-order backward pass (≈2.5 gradients'
+  time for a CNN on CPU), or ``torch.func.linearize``'s trace of forward-over-reverse with the
+  forward and backward values folded in, after which a product only pushes tangents (≈1.3-1.9
+  gradients). Tracing costs ~0.5 s per chunk, so ``method="auto"`` starts with double backward
+  and moves to the trace only when a product is slow (≥ 0.2 s). A product that redoes the
+  forward and backward, as an ARPACK loop over a plain HVP does, costs ≈3 gradients. Blocks
+  (``vmap`` over tangents, ``is_grads_batched``) were slower than a loop on CPU.
 - The eigensolver is thick-restart Lanczos (Krylov-Schur style) with full reorthogonalisation,
   block capable, with explicit Rayleigh-Ritz over stored products W = H V. Keeping W makes every
   reported residual ‖Hu − λu‖ a true residual, computed from actual Hessian products by
@@ -49,6 +52,9 @@ __all__ = [
 ]
 
 _METHODS = ("fwd_rev", "double_backward")
+# "auto" uses linearized forward-over-reverse rather than cached double backward when one product
+# is estimated to take at least this long (seconds): the one-off tracing is then small next to the saving.
+_LINEARIZE_ABOVE_S = 0.2
 
 
 class LinearOperator(Protocol):
@@ -117,8 +123,10 @@ class HessianOperator:
             ``"double_backward"``: reverse-over-reverse; the gradient graph (``create_graph``) is
             built once per chunk per call, or once for good with the cache, and reused for every
             vector: ≈2.5 gradients per vector plus ≈1 per chunk and call.
-            ``"auto"``: ``"fwd_rev"`` with the cache, ``"double_backward"`` without (measured on
-            a CNN on CPU; see the module docstring).
+            ``"auto"``: without the cache, ``"double_backward"``; with it, cached double backward,
+            or linearized ``"fwd_rev"`` if a product is estimated (from the time to build the
+            first chunk's graph) to take ≥ 0.2 s: tracing then pays for itself; for small models
+            and on GPUs it does not. ``self.method`` tells which is in use after the first product.
         cache_graph: keep per-chunk state for the operator's lifetime (the linearized tangent
             program, or the gradient graph) so the primal forward/backward is paid once, not per
             product. Memory: the activations of all N examples at once (``chunk_size`` then only
@@ -144,8 +152,10 @@ class HessianOperator:
         cache_graph: bool = True,
     ) -> None:
         self.cache_graph = bool(cache_graph)
+        # "auto" starts with double backward; with the cache it may move to linearize (matvec).
+        self._auto = method == "auto" and self.cache_graph
         if method == "auto":
-            method = "fwd_rev" if self.cache_graph else "double_backward"
+            method = "double_backward"
         if method not in _METHODS:
             raise ValueError(f"method must be one of {(*_METHODS, 'auto')}, got {method!r}")
         if not batches:
@@ -207,13 +217,14 @@ class HessianOperator:
         rows = block.T.contiguous()  # (m, D): one row per vector, contiguous for unflatten
         out = torch.zeros_like(rows)
         with torch.enable_grad():
-            if self.cache_graph and self.method == "fwd_rev" and self._matvec_linearized(rows, out):
-                pass
-            elif self.cache_graph:
-                if self._graphs is None:
-                    self._graphs = [self._grad_graph(x, y) for x, y, _ in self._chunks]
-                for graph, (_, _, w) in zip(self._graphs, self._chunks, strict=True):
-                    out.add_(self._second_backward(graph, rows, retain=True), alpha=w)
+            if self.cache_graph:
+                if self.method == "double_backward" and self._graphs is None:
+                    self._graphs = self._build_graphs()  # "auto" may choose "fwd_rev" here
+                if not (self.method == "fwd_rev" and self._matvec_linearized(rows, out)):
+                    if self._graphs is None:
+                        self._graphs = self._build_graphs()
+                    for graph, (_, _, w) in zip(self._graphs, self._chunks, strict=True):
+                        out.add_(self._second_backward(graph, rows, retain=True), alpha=w)
             else:
                 for x, y, w in self._chunks:
                     if self.method == "double_backward":
@@ -226,6 +237,31 @@ class HessianOperator:
         self.matvecs += m
         out = out.T
         return out[:, 0] if single else out
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _build_graphs(self) -> list[tuple[list[Tensor], list[Tensor], list[int]]] | None:
+        """Every chunk's gradient graph; or, for ``method="auto"``, None when products are slow
+        enough that linearized forward-over-reverse pays for its tracing (then it is used).
+
+        The first chunk's graph build, about one gradient of that chunk, is the probe: a second
+        backward costs ≈2.5 of them, so a product over all chunks costs ≈2.5 × chunks × probe.
+        Tracing costs a roughly fixed ~0.3-1 s per chunk (Python) plus ~2 gradients of compute and
+        then saves ~40% of each product: a clear win for a CNN on CPU (≈1 s per product), a loss
+        for small models or on a GPU (milliseconds per product).
+        """
+        start = self._clock()
+        first = self._grad_graph(*self._chunks[0][:2])
+        probe = self._clock() - start
+        if self._auto:
+            self._auto = False
+            if 2.5 * probe * len(self._chunks) >= _LINEARIZE_ABOVE_S:
+                self.method = "fwd_rev"
+                return None
+        return [first] + [self._grad_graph(x, y) for x, y, _ in self._chunks[1:]]
 
     def _linearized(self) -> list[Callable[[dict[str, Tensor]], dict[str, Tensor]]]:
         """Per chunk, v ↦ H_c v as a traced tangent program with the primal values folded in."""
@@ -244,7 +280,8 @@ class HessianOperator:
         return self._linear
 
     def _matvec_linearized(self, rows: Tensor, out: Tensor) -> bool:
-        """Cached forward-over-reverse; False (with a warning, once) if the model cannot be traced."""
+        """Cached forward-over-reverse into ``out``; False (and a warning) if the model cannot be
+        traced: the method is then cached double backward."""
         try:
             linear = self._linearized()
         except Exception as err:  # make_fx cannot trace every model (e.g. data-dependent Python)
@@ -353,10 +390,12 @@ class EigenResult:
     by magnitude descending for "LM". Eigenvalues are always signed.
 
     Attributes:
-        eigenvalues: (k,) Rayleigh quotients uᵀHu of the returned vectors.
-        eigenvectors: (k, D) orthonormal rows u_i (to working precision).
+        eigenvalues: (k,) Rayleigh quotients uᵀHu of the returned vectors (float64; units of H,
+            loss per parameter²).
+        eigenvectors: (k, D) orthonormal rows u_i, in the operator's dtype.
         residuals: (k,) ‖H u_i − λ_i u_i‖, from actual Hessian products (same units as λ).
-        rel_residuals: (k,) residual / max(|λ_i|, tiny).
+        rel_residuals: (k,) residual / max(|λ_i|, tiny). For a float32 operator they cannot go
+            much below ~1e-7 · max|λ| / |λ_i| (rounding in the products themselves).
         converged: (k,) bool, rel_residual <= tol.
         matvecs: Hessian-vector products spent (a block of m counts m), verification included.
         seconds: wall time of the call.
@@ -386,28 +425,28 @@ def _order(theta: Tensor, which: str) -> Tensor:
 
 
 def _orthonormalize(x: Tensor, basis: Tensor, drop_tol: float, passes: int = 2) -> Tensor:
-    """Columns of ``x`` made orthonormal to ``basis`` (D, n) and to each other.
+    """Rows of ``x`` (m, D) made orthonormal to the rows of ``basis`` (n, D) and to each other.
 
     Classical Gram-Schmidt against the basis, ``passes`` times as GEMMs ("twice is enough"), then
-    modified Gram-Schmidt with re-orthogonalisation inside the block. A column whose norm falls
+    modified Gram-Schmidt with re-orthogonalisation inside the block. A row whose norm falls
     below ``drop_tol`` times its norm before projection adds nothing new and is dropped.
     """
-    norms0 = x.norm(dim=0).clamp_min(_TINY)
-    if basis.shape[1]:
+    norms0 = x.norm(dim=1).clamp_min(_TINY)
+    if basis.shape[0]:
         for _ in range(passes):
-            x = x - basis @ (basis.T @ x)
-    cols: list[Tensor] = []
-    for j in range(x.shape[1]):
-        c = x[:, j]
+            x = x - (x @ basis.T) @ basis
+    rows: list[Tensor] = []
+    for j in range(x.shape[0]):
+        r = x[j]
         for _ in range(2):
-            for q in cols:
-                c = c - (q @ c) * q
-        nrm = c.norm()
+            for q in rows:
+                r = r - (q @ r) * q
+        nrm = r.norm()
         if nrm > drop_tol * norms0[j]:
-            cols.append(c / nrm)
-    if not cols:
-        return x[:, :0]
-    return torch.stack(cols, dim=1)
+            rows.append(r / nrm)
+    if not rows:
+        return x[:0]
+    return torch.stack(rows)
 
 
 def _rows(v0: Tensor | None, dim: int) -> Tensor | None:
@@ -473,7 +512,8 @@ def top_eigenpairs(
             Krylov space holds only one vector of each eigenspace.
         seed: seed of the random start vectors.
         progress: show a tqdm bar of products.
-        max_basis: lanczos basis size before a thick restart (default ``max(3k, k + 5b)``).
+        max_basis: lanczos basis size before a thick restart (default ``max(3k, k + 5b, 30)``).
+            Memory: two (D, max_basis) float64 arrays.
         verify: recompute H u for the final vectors with k extra products, and report residuals
             from those. Without it residuals come from the stored products H V by linearity,
             which are true products as well; ``verify`` is an independent check.
@@ -493,7 +533,7 @@ def top_eigenpairs(
             op, k, tol, _rows(v0, op.dim), which, max_matvecs, block_size, max_basis, seed, progress, verify
         )
     elif backend == "arpack":
-        lam, vecs, res, rel, conv, count = _arpack(op, k, tol, _rows(v0, op.dim), which, max_matvecs, seed)
+        lam, vecs, res, rel, conv, count = _arpack(op, k, tol, _rows(v0, op.dim), which, max_matvecs, seed, progress)
     else:
         raise ValueError(f"backend must be 'lanczos' or 'arpack', got {backend!r}")
     return EigenResult(
@@ -509,13 +549,23 @@ def top_eigenpairs(
     )
 
 
-def _progress_bar(progress: bool, total: int) -> Callable[[int], None]:
-    if not progress:
-        return lambda n: None
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar of products (its total is the budget), or nothing."""
 
-    bar = tqdm(total=total, unit="hvp", desc="eigenpairs", leave=False)
-    return bar.update
+    def __init__(self, show: bool, total: int) -> None:
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="hvp", desc="eigenpairs", leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _block_krylov(
@@ -559,7 +609,7 @@ def _block_krylov(
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(m: int) -> Tensor:
-        return torch.randn(dim, m, generator=gen, dtype=wd).to(device)
+        return torch.randn(m, dim, generator=gen, dtype=wd).to(device)
 
     if v0 is None:
         x = randn(b)
@@ -567,49 +617,54 @@ def _block_krylov(
         # One Lanczos run from the sum of the previous vectors: it is rich in every one of them,
         # and a Krylov space grown from one vector beats a block. A little noise keeps every
         # direction reachable (an eigenvector new to the top k).
-        rows = v0.T.to(dtype=wd, device=device)
-        start = (rows / rows.norm(dim=0).clamp_min(_TINY)).sum(dim=1)
-        z = randn(1)[:, 0]
-        x = (start / start.norm().clamp_min(_TINY) + _WARM_NOISE * z / z.norm())[:, None]
+        rows = v0.to(dtype=wd, device=device)
+        start = (rows / rows.norm(dim=1, keepdim=True).clamp_min(_TINY)).sum(dim=0)
+        z = randn(1)[0]
+        x = (start / start.norm().clamp_min(_TINY) + _WARM_NOISE * z / z.norm())[None]
     else:
-        x = v0.T.to(dtype=wd, device=device)[:, : nmax - b]
-        if x.shape[1] < b:
-            x = torch.cat([x, randn(b - x.shape[1])], dim=1)
+        x = v0.to(dtype=wd, device=device)[: nmax - b]
+        if x.shape[0] < b:
+            x = torch.cat([x, randn(b - x.shape[0])])
 
     count = 0
-    tick = _progress_bar(progress, max_matvecs)
-    basis = torch.zeros(dim, 0, dtype=wd, device=device)
-    prods = torch.zeros(dim, 0, dtype=wd, device=device)
-    proj = torch.zeros(0, 0, dtype=wd, device=device)  # T = VᵀW
-    gram = torch.zeros(0, 0, dtype=wd, device=device)  # G = WᵀW
+    tick = _Progress(progress, max_matvecs)
+    # Row-major buffers, filled in place: V[:n] is the basis, W[:n] = (H V)ᵀ.
+    basis = torch.empty(nmax, dim, dtype=wd, device=device)
+    prods = torch.empty(nmax, dim, dtype=wd, device=device)
+    n = 0
+    proj = torch.zeros(0, 0, dtype=wd, device=device)  # T = VᵀHV, the symmetric part of V Wᵀ
+    gram = torch.zeros(0, 0, dtype=wd, device=device)  # G = W Wᵀ
     hit_budget = False
     passes = 2
     while True:
-        x = _orthonormalize(x, basis, drop_tol, passes)
-        if x.shape[1] == 0:  # the Krylov space is invariant: continue from a random direction
-            x = _orthonormalize(randn(b), basis, drop_tol)
-            if x.shape[1] == 0:
+        x = _orthonormalize(x, basis[:n], drop_tol, passes)
+        if x.shape[0] == 0:  # the Krylov space is invariant: continue from a random direction
+            x = _orthonormalize(randn(b), basis[:n], drop_tol)
+            if x.shape[0] == 0:
                 break  # V spans the whole space
-        x = x[:, : max(0, max_matvecs - count)]
-        if x.shape[1] == 0:
+        x = x[: max(0, max_matvecs - count)]
+        m = x.shape[0]
+        if m == 0:
             hit_budget = True
             break
-        hx = op.matvec(x.to(dtype)).to(dtype=wd, device=device)
-        count += x.shape[1]
-        tick(x.shape[1])
-        new = torch.cat([basis, x], dim=1).T @ hx  # (n + m, m): the new columns of T
-        proj = _grow(proj, new[: -x.shape[1]], new[-x.shape[1] :])
-        gnew = torch.cat([prods, hx], dim=1).T @ hx
-        gram = _grow(gram, gnew[: -x.shape[1]], gnew[-x.shape[1] :])
-        basis = torch.cat([basis, x], dim=1)
-        prods = torch.cat([prods, hx], dim=1)
+        hx = op.matvec(x.T.to(dtype)).to(dtype=wd, device=device).T  # (m, D)
+        count += m
+        tick(m)
+        cross = basis[:n] @ hx.T  # (n, m): Vᵀ H x
+        back = prods[:n] @ torch.cat([x, hx]).T  # (n, 2m): (HV)ᵀx and (HV)ᵀHx, one pass over W
+        # T must be exactly the symmetric part of V Wᵀ (float32 products are not exactly
+        # symmetric), else the Gram residual estimate below floors at √(asymmetry) ≈ 3e-4.
+        proj = _grow(proj, 0.5 * (cross + back[:, :m]), x @ hx.T)
+        gram = _grow(gram, back[:, m:], hx @ hx.T)
+        basis[n : n + m] = x
+        prods[n : n + m] = hx
         # Next Krylov block, projected once here; the orthonormalisation above adds the second pass.
-        x = hx - basis @ new
+        x = hx - cross.T @ basis[:n] - (x @ hx.T).T @ x
+        n += m
         passes = 1
 
         theta, s = torch.linalg.eigh(proj)
         order = _order(theta, which)
-        n = basis.shape[1]
         if n < k:
             continue
         want = order[:k]
@@ -618,29 +673,32 @@ def _block_krylov(
         done = n >= dim
         if not done and bool((est <= max(tol, gram_floor)).all()):
             # Confirm on the vectors: the Gram estimate cannot resolve residuals below ~1e-7.
-            res = (prods @ sw - (basis @ sw) * tw).norm(dim=0)
+            res = (sw.T @ prods[:n] - tw[:, None] * (sw.T @ basis[:n])).norm(dim=1)
             done = bool((res <= tol * tw.abs()).all())
         if done:
             break
         if count >= max_matvecs:
             hit_budget = True
             break
-        if n + x.shape[1] > nmax:  # thick restart: keep the best Ritz vectors and their products
+        if n + x.shape[0] > nmax:  # thick restart: keep the best Ritz vectors and their products
             sk = s[:, order[:keep]]
-            basis, prods = basis @ sk, prods @ sk
+            basis[:keep] = sk.T @ basis[:n]
+            prods[:keep] = sk.T @ prods[:n]
+            n = keep
             proj = torch.diag(theta[order[:keep]])
             gram = sk.T @ gram @ sk
             passes = 2  # x is orthogonal to the old, larger basis; one more pass costs little
 
     theta, s = torch.linalg.eigh(proj)
     ss = s[:, _order(theta, which)[:k]]
-    u, hu = basis @ ss, prods @ ss
+    u, hu = ss.T @ basis[:n], ss.T @ prods[:n]  # (k, D)
     if verify:
-        u = u / u.norm(dim=0).clamp_min(_TINY)
-        hu = op.matvec(u.to(dtype)).to(dtype=wd, device=device)
-        count += u.shape[1]
-        tick(u.shape[1])
-    lam, vecs, res, rel, conv = _finish(u, hu, tol, which)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(_TINY)
+        hu = op.matvec(u.T.to(dtype)).to(dtype=wd, device=device).T
+        count += u.shape[0]
+        tick(u.shape[0])
+    tick.close()
+    lam, vecs, res, rel, conv = _finish(u.T, hu.T, tol, which)
     if hit_budget and not bool(conv.all()):
         warnings.warn(
             f"top_eigenpairs: max_matvecs={max_matvecs} reached with {int((~conv).sum())} of {k} "
@@ -670,6 +728,7 @@ def _arpack(
     which: str,
     max_matvecs: int,
     seed: int,
+    progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
     """scipy's ARPACK (implicitly restarted Lanczos, the paper's method), then k true residuals."""
     import numpy as np
@@ -680,10 +739,12 @@ def _arpack(
     dtype, device = _op_dtype(op), _op_device(op)
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     count = 0
+    tick = _Progress(progress, max_matvecs)
 
     def mv(x: np.ndarray) -> np.ndarray:
         nonlocal count
         count += 1
+        tick(1)
         v = torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype).reshape(-1)).to(device)
         return op.matvec(v).detach().cpu().numpy().astype(np_dtype, copy=False)
 
@@ -707,6 +768,8 @@ def _arpack(
         raise RuntimeError(f"ARPACK converged no eigenpair within max_matvecs={max_matvecs}")
     hu = op.matvec(u).to(device=device)
     count += u.shape[1]
+    tick(u.shape[1])
+    tick.close()
     lam, vecs_t, res, rel, conv = _finish(u, hu, tol, which)
     if hit_budget or not bool(conv.all()):
         warnings.warn(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import sharpflow.hessian as hessian_module
 from sharpflow.hessian import DenseOperator, HessianOperator, frobenius_norm, top_eigenpairs, trace
 from sharpflow.params import flat_params, unflatten
 
@@ -103,6 +104,19 @@ def test_hvp_equals_dense_hessian(method: str, cache: bool, make) -> None:
         torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(op.matvec(block), h @ block, rtol=1e-10, atol=1e-12)
     assert op.matvecs == 10  # a block of 4 counts 4
+
+
+@pytest.mark.parametrize("threshold", [0.0, math.inf])
+def test_auto_method_switches_only_when_products_are_slow(monkeypatch, threshold: float) -> None:
+    monkeypatch.setattr(hessian_module, "_LINEARIZE_ABOVE_S", threshold)
+    model, batches = tiny_mlp(), data([5, 7])
+    h = dense_hessian(model, batches)
+    op = HessianOperator(model, F.cross_entropy, batches)
+    v = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert op.method == "double_backward"
+    torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
+    assert op.method == ("fwd_rev" if threshold == 0.0 else "double_backward")
+    torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
 
 
 def test_untraceable_model_falls_back_to_double_backward() -> None:

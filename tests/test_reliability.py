@@ -177,19 +177,44 @@ def test_unconverged_solve_is_reported_not_hidden(trained, tiny_data, tmp_path):
     assert df.residual.notna().all() and (df.residual > 0).all()
 
 
+_STALL = """
+import os, time
+from pathlib import Path
+import sharpflow.hessian as h
+_inner, _calls = h.HessianOperator.matvec, [0]
+def _matvec(self, v):
+    _calls[0] += 1
+    if _calls[0] == 5:  # well inside the solve: say so, then hang until killed
+        Path(os.environ["SHARPFLOW_TEST_STALLED"]).touch()
+        time.sleep(600)
+    return _inner(self, v)
+h.HessianOperator.matvec = _matvec
+"""
+
+
 def test_spectrum_killed_mid_solve_leaves_nothing_and_reruns_identically(trained, tiny_data, tmp_path):
     run, out = trained
     ck = out / "checkpoints" / "step00000016.pt"
-    slow = SpectrumConfig(k=3, tol=1e-7, frobenius_probes=400)  # long enough to be killed
-    args = ["spectrum", "--spectrum", dump_json(slow), "--run", dump_json(run), "--run-name", "r", "--data",
-            str(tiny_data), "--checkpoint", str(ck), "--out-table", str(tmp_path / "s.parquet"),
+    # A sitecustomize in the child makes its 5th Hessian product hang after touching a marker, so
+    # the kill lands mid-solve however fast the machine is (a sleep-then-kill test raced on CI).
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STALL)
+    marker = hook / "stalled"
+    env = {**os.environ, "PYTHONPATH": str(hook), "SHARPFLOW_TEST_STALLED": str(marker)}
+    args = ["spectrum", "--spectrum", dump_json(SpectrumConfig(k=3)), "--run", dump_json(run), "--run-name", "r",
+            "--data", str(tiny_data), "--checkpoint", str(ck), "--out-table", str(tmp_path / "s.parquet"),
             "--out-eigvecs", str(tmp_path / "e.pt"), "--device", "cpu", "--no-progress"]
-    proc = subprocess.Popen([str(BIN / "sharpflow"), *args], stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    proc = subprocess.Popen([str(BIN / "sharpflow"), *args], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, f"the stage ended before it was killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the stage never reached its 5th Hessian product"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "s.parquet").exists()
-    leftovers = [p for p in tmp_path.iterdir() if p.name not in ("s.parquet", "e.pt")]
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in ("s.parquet", "e.pt", "hook")]
     assert all(p.name.endswith(".tmp") for p in leftovers)  # only ever temp files, never a partial output
     quick = SpectrumConfig(k=3)
     for target in ("a", "b"):

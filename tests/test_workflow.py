@@ -213,11 +213,21 @@ def test_snakemake_resumes_a_killed_training_bitwise(tmp_path):
     cmd = [str(BIN / "snakemake"), "-s", str(PKG["root"] / "Snakefile"), "-d", str(work), "--configfile",
            str(work / "config.yaml"), "--cores", "1"]
     metrics = Path(cfg["results"]) / "runs" / "long" / "metrics.parquet"
+    stash = metrics.parent / ".resume" / "checkpoints"
+
+    def stashed() -> int:
+        return len(list(stash.glob("*.pt"))) if stash.exists() else 0
+
     kills = 0
-    for delay in (4.0, 5.5, 6.5):
+    for _ in range(3):
+        # Kill once training has stashed two more checkpoints than before: mid-run on any machine
+        # (a fixed sleep let a fast CI machine finish before the first kill).
+        target = stashed() + 2
         proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and stashed() < target and time.monotonic() < deadline:
+            time.sleep(0.02)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
