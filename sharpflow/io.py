@@ -75,8 +75,8 @@ def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 

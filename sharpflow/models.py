@@ -463,6 +463,21 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
     return model
 
 
+def draws_randomness(model: nn.Module) -> bool:
+    """Whether a training-mode forward pass of ``model`` may draw from torch's global RNG.
+
+    True if it holds dropout or RReLU, or any module whose class is defined outside torch and
+    sharpflow (user code may draw anything). Training seeds each step only when this is True.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+            return True
+        origin = type(m).__module__
+        if not (origin.startswith("torch.") or origin.startswith("sharpflow.")):
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------------- loss, metric
 def _flat(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(B, [T,] C) logits and (B, [T]) targets → (N, C) and (N,), N = B·T for a sequence model."""
@@ -478,6 +493,20 @@ def count_correct(logits: Tensor, targets: Tensor) -> Tensor:
     """Number of argmax predictions equal to the targets (tokens for an LM), a 0-d int64 tensor."""
     flat_logits, flat_targets = _flat(logits, targets)
     return (flat_logits.argmax(dim=-1) == flat_targets).sum()
+
+
+def count_correct_each(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """:func:`count_correct` of every (logits, targets) pair, in one pass: an (n,) int64 tensor.
+
+    Training keeps a few hundred steps' (small) logits and counts them together: one argmax
+    over all of them costs about what one step's count would.
+    """
+    flat = [_flat(lg, t) for lg, t in pairs]
+    device = flat[0][1].device
+    hits = (torch.cat([lg for lg, _ in flat]).argmax(dim=-1) == torch.cat([t for _, t in flat])).long()
+    sizes = torch.tensor([t.numel() for _, t in flat], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(flat), device=device), sizes)
+    return torch.zeros(len(flat), dtype=torch.long, device=device).index_add_(0, owner, hits)
 
 
 def num_parameters(model: nn.Module) -> int:

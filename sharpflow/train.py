@@ -7,12 +7,18 @@ One function, :func:`train`, runs SGD (or Nudged-SGD) for one run and writes
 
 Determinism: the data order of epoch ``e`` and all randomness of step ``t`` (augmentation,
 dropout) come from generators seeded by ``(seed, e)`` and ``(seed, t)``, so a run resumed from
-any checkpoint is bitwise identical to one that never stopped (on the same device).
+any checkpoint is bitwise identical to one that never stopped (on the same device). A model
+without dropout draws nothing at random in a step, and its steps skip the seeding.
 
 Resume: checkpoints are first written into ``.resume/`` (outside Snakemake's declared outputs,
-which Snakemake deletes when a job fails) together with the optimiser state and the metrics so
-far, then hard-linked to their declared place. A rerun after a crash starts from the newest
-complete resume state and relinks the checkpoints before it.
+which Snakemake deletes when a job fails) together with the optimiser state and the metrics
+since the previous checkpoint, then hard-linked to their declared place. A rerun after a crash
+starts from the newest complete resume state and relinks the checkpoints before it.
+
+Cost: the files are serialised on the training thread (a snapshot) and written, fsynced and
+published in order by one background thread, so disk latency overlaps the next steps; the
+per-step bookkeeping is a few tensor ops whose values are read back in batches of 256 steps.
+``bench/train_overhead.py`` measures the total against a bare PyTorch loop.
 
 Divergence: a non-finite mini-batch loss ends training; the remaining scheduled checkpoints
 are written with ``status="diverged"`` so every downstream stage still has its inputs and
@@ -23,10 +29,13 @@ marks its rows instead of crashing. Early stopping does the same with ``status="
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import FORMAT_VERSION, DatasetConfig, RunConfig, checkpoint_steps, steps_per_epoch, total_steps
-from .io import SharpflowError, load_torch, save_torch, write_parquet
+from .io import SharpflowError, load_torch, write_bytes, write_parquet
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
 #: step, every step) or "train"/"valid"/"test" (full evaluations, at checkpoints and, under a
@@ -183,7 +192,12 @@ def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Any, gen
 
 
 class _Stash:
-    """Checkpoints and resume state under ``{run_dir}/.resume`` (not a Snakemake output)."""
+    """Checkpoints and resume state under ``{run_dir}/.resume`` (not a Snakemake output).
+
+    ``state.pt`` (optimizer, schedule, wall clock, status at the newest dump) points at a stashed
+    checkpoint, which holds the weights; ``rows/step{N}.json`` hold the metrics rows recorded up
+    to dump N since the dump before it, so a dump costs the same at step 100 as at step 100,000.
+    """
 
     def __init__(self, run_dir: Path, digest: str):
         self.dir = run_dir / ".resume"
@@ -191,6 +205,9 @@ class _Stash:
 
     def checkpoint(self, step: int) -> Path:
         return self.dir / "checkpoints" / ckpt_name(step)
+
+    def rows(self, step: int) -> Path:
+        return self.dir / "rows" / f"step{step:08d}.json"
 
     def state(self) -> Path:
         return self.dir / "state.pt"
@@ -200,18 +217,76 @@ class _Stash:
         if not path.exists():
             return None
         try:
-            state = load_torch(path, required=("digest", "step", "optimizer"), what="resume state")
+            state = load_torch(path, required=("digest", "step", "optimizer", "dumps"), what="resume state")
             if state["digest"] != self.digest:
                 return None  # the run's config changed: start afresh
             # the weights live in the stashed checkpoints, not twice on disk
             state["model"] = load_torch(self.checkpoint(int(state["step"])), required=("model",))["model"]
             state["model0"] = load_torch(self.checkpoint(0), required=("model",))["model"]
+            rows: list[dict[str, Any]] = []
+            for s in state["dumps"]:
+                chunk = self.rows(int(s))
+                try:
+                    rows.extend(json.loads(chunk.read_text()))
+                except (OSError, ValueError):
+                    return None  # a lost or torn chunk only costs a restart
+            state["rows"] = rows
         except SharpflowError:
             return None  # an unreadable resume state only costs a restart
         return state
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Writer:
+    """One background thread that runs file writes in the order they were submitted.
+
+    Training submits a dump as closures over bytes already serialised (a snapshot of the
+    weights), so it goes on with the next steps while the files are written and fsynced. A
+    failed write is re-raised on the training thread at the next submit or at :meth:`close`;
+    the jobs after it are skipped, so nothing is published that rests on a missing file.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as err:  # handed to the training thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="sharpflow-checkpoints", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for every submitted write; raise the first failure unless ``raise_errors`` is False."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        if raise_errors:
+            self._raise()
+
+
+def _serialise(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _publish(src: Path, dst: Path) -> None:
@@ -244,7 +319,7 @@ def train(
     finishing, leaving the resume state behind.
     """
     from .data import load_prepared
-    from .models import build_model, loss_fn
+    from .models import build_model, count_correct_each, draws_randomness, loss_fn
 
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -274,6 +349,7 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
 
     rows: list[dict[str, Any]] = []
+    dumps: list[int] = []  # the steps dumped so far, each with its rows chunk in the stash
     start, wall_offset, status = 0, 0.0, "ok"
     state = stash.load()
     if state is not None:
@@ -282,7 +358,8 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.state = dict(state["schedule"])
-        rows = json.loads(state["rows"])
+        rows = state["rows"]
+        dumps = [int(s) for s in state["dumps"]]
         start, wall_offset, status = int(state["step"]), float(state["wall_s"]), str(state["status"])
         for s in steps:
             if s <= start and stash.checkpoint(s).exists():
@@ -308,21 +385,35 @@ def train(
                          "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": status})
 
     last_dumped = start if state is not None else -1
+    writer = _Writer()
+    saved_rows = len(rows)
 
     def dump(step: int) -> None:
-        """Checkpoint + resume state for ``step`` (weights after ``step`` updates)."""
-        nonlocal last_dumped
+        """Checkpoint + resume state for ``step`` (weights after ``step`` updates).
+
+        Serialised here, written by ``writer``: the checkpoint (fsynced), the rows since the
+        previous dump, the resume state that names both, then the published link.
+        """
+        nonlocal last_dumped, saved_rows
         last_dumped = step
         eval_rows(step)
-        ck = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-              "epoch": step / spe, "status": status, "run": run_name, "format": FORMAT_VERSION["train"]}
-        save_torch(stash.checkpoint(step), ck)
-        save_torch(stash.state(), durable=False, obj={
-            "digest": stash.digest, "step": step, "optimizer": opt.state_dict(),
-            "schedule": sched.state, "rows": json.dumps(rows), "wall_s": wall(),
-            "status": status,
-        })
-        _publish(stash.checkpoint(step), ckpt_dir / ckpt_name(step))
+        dumps.append(step)
+        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
+                         "epoch": step / spe, "status": status, "run": run_name,
+                         "format": FORMAT_VERSION["train"]})
+        chunk = json.dumps(rows[saved_rows:]).encode()
+        saved_rows = len(rows)
+        st = _serialise({"digest": stash.digest, "step": step, "optimizer": opt.state_dict(),
+                         "schedule": dict(sched.state), "dumps": list(dumps), "wall_s": wall(), "status": status})
+        ck_path, rows_path, st_path = stash.checkpoint(step), stash.rows(step), stash.state()
+
+        def write() -> None:
+            write_bytes(ck_path, ck)
+            write_bytes(rows_path, chunk, durable=False)
+            write_bytes(st_path, st, durable=False)
+            _publish(ck_path, ckpt_dir / ckpt_name(step))
+
+        writer.submit(write)
 
     if state is None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -339,29 +430,47 @@ def train(
     refresh_every = (nsgd.refresh_every_steps or spe) if nsgd else 0
     perm: Tensor | None = None
     perm_epoch = -1
+    seed_steps = draws_randomness(model)
+    # Per step: the loss stays on the device and the logits are kept (detached) while they are
+    # small; their argmax is taken for many steps at once and read back every 256 steps.
     losses: list[Tensor] = []
+    held: list[tuple[Tensor, Tensor]] = []  # (logits, targets) of steps not yet counted
+    held_size = 0
+    correct: list[Tensor] = []  # counts of steps already counted, on the device
+    counted: list[int] = []  # targets per step (the last batch of an epoch may be short; tokens for an LM)
     pending: list[dict[str, Any]] = []
+
+    def count_held() -> None:
+        nonlocal held, held_size
+        if held:
+            correct.append(count_correct_each(held))
+            held, held_size = [], 0
 
     def flush_losses() -> bool:
         """Record the pending mini-batch rows; False if a loss was not finite."""
-        nonlocal losses, pending
+        nonlocal losses, correct, counted, pending
         if not pending:
             return True
-        vals = torch.stack(losses).float().cpu().numpy()
+        count_held()
+        loss_v = torch.stack(losses).double().cpu().tolist()
+        acc_v = (torch.cat(correct).cpu().double() / torch.tensor(counted, dtype=torch.float64)).tolist()
         ok = True
-        for r, (loss_v, acc_v) in zip(pending, vals, strict=True):
-            r["loss"], r["accuracy"] = float(loss_v), float(acc_v)
-            if not math.isfinite(r["loss"]):
+        for r, lv, av in zip(pending, loss_v, acc_v, strict=True):
+            r["loss"], r["accuracy"] = lv, av
+            if not math.isfinite(lv):
                 ok = False
                 r["status"] = "diverged"
         rows.extend(pending)
-        losses, pending = [], []
+        losses, correct, counted, pending = [], [], [], []
         return ok
 
     step = start
+    lr_set = math.nan  # the learning rate in opt.param_groups
+    augment, grad_clip = run.augment, run.optimizer.grad_clip
     try:
         while step < last and status == "ok":
             if stop_after is not None and step - start >= stop_after:
+                writer.close()
                 return pd.DataFrame(rows)
             epoch_i, within = divmod(step, spe)
             if epoch_i != perm_epoch:
@@ -370,32 +479,36 @@ def train(
                 perm_epoch = epoch_i
             assert perm is not None
             lr = sched.lr_at(step / spe)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            if lr != lr_set:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                lr_set = lr
             refresh_s, refresh_mv = math.nan, math.nan
             if nsgd and step % refresh_every == 0:
                 refresh_s, refresh_mv = _refresh_subspace(model, opt, run, data, _mix(run.seed, step, 3))
                 model.train()
             idx = perm[within * bs : (within + 1) * bs]
             xb, yb = x_train[idx], y_train[idx]
-            _seed_step(_mix(run.seed, step, 2), device)
-            if run.augment:
-                from .data import augment
+            if seed_steps:
+                _seed_step(_mix(run.seed, step, 2), device)
+            if augment:
+                from .data import augment as augment_batch
 
                 gen = torch.Generator(device=xb.device).manual_seed(_mix(run.seed, step, 4))
-                xb = augment(xb, gen)
+                xb = augment_batch(xb, gen)
             out = model(xb)
             loss = loss_fn(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if run.optimizer.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), run.optimizer.grad_clip)
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-            with torch.no_grad():
-                from .models import count_correct
-
-                acc = count_correct(out, yb).float() / yb.numel()
-            losses.append(torch.stack([loss.detach(), acc]))
+            held.append((out.detach(), yb))
+            held_size += out.numel()
+            if held_size > 1 << 22:  # 16 MB of float32 logits at most
+                count_held()
+            counted.append(yb.numel())
+            losses.append(loss.detach())
             pending.append({"run": run_name, "step": step, "epoch": step / spe, "split": "batch",
                             "loss": math.nan, "accuracy": math.nan, "lr": lr, "wall_s": wall(),
                             "dist_init": math.nan, "param_norm": math.nan, "refresh_s": refresh_s,
@@ -423,7 +536,11 @@ def train(
         for s in steps:
             if s > last_dumped:
                 dump(s)
+        writer.close()  # every checkpoint is on disk and published before the metrics appear
     finally:
+        # On an error or an interrupt, still finish the writes already submitted: the resume
+        # state then holds every step trained before it (the error itself is what propagates).
+        writer.close(raise_errors=False)
         if bar is not None:
             bar.close()
 

@@ -164,3 +164,85 @@ def test_nsgd_random_subspace_control(tiny_data, tiny_dataset, tmp_path):
     refreshed = df[(df.split == "batch") & df.refresh_matvecs.notna()]
     assert refreshed.step.tolist() == [0, 16, 32]  # once per epoch by default
     assert (refreshed.refresh_matvecs == 0).all()
+
+
+class DropoutMLP(torch.nn.Module):
+    """A user model (``tests.test_train:DropoutMLP``) whose training steps draw random numbers."""
+
+    def __init__(self, input_shape, num_classes, p=0.5):
+        super().__init__()
+        n_in = math.prod(input_shape)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_in, 16), torch.nn.ReLU(),
+                                       torch.nn.Dropout(p), torch.nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_draws_randomness_tells_which_models_need_seeded_steps():
+    from sharpflow.config import ModelConfig
+    from sharpflow.models import build_model, draws_randomness
+
+    mlp = build_model(ModelConfig(name="mlp", kwargs={"hidden": [8]}), (1, 40), 10)
+    assert not draws_randomness(mlp)
+    assert draws_randomness(DropoutMLP((1, 40), 10))
+    assert draws_randomness(torch.nn.Sequential(mlp, torch.nn.RReLU()))
+
+    class Custom(torch.nn.Module):  # user code may draw anything
+        def forward(self, x):
+            return x
+
+    assert draws_randomness(torch.nn.Sequential(mlp, Custom()))
+
+
+def test_dropout_run_resumes_bitwise_and_dropout_is_active(tiny_data, tiny_dataset, tmp_path):
+    model = {"name": "tests.test_train:DropoutMLP", "kwargs": {"p": 0.5}}
+    run = tiny_run(model=model)
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=7)
+    again = _train(run, tiny_dataset, tiny_data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+    off = _train(tiny_run(model={**model, "kwargs": {"p": 0.0}}), tiny_dataset, tiny_data, tmp_path / "off")
+    assert not _comparable(ref).equals(_comparable(off))
+
+
+def test_a_failed_checkpoint_write_surfaces_and_the_rerun_resumes(tiny_data, tiny_dataset, tmp_path, monkeypatch):
+    """Writes happen on a background thread; a failure there (disk full) must reach the caller as
+    the error it was, and the rerun must resume from the last complete dump."""
+    import sharpflow.train as T
+    from sharpflow.io import SharpflowError
+
+    run = tiny_run(optimizer__momentum=0.9)
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    real, calls = T.write_bytes, []
+
+    def failing(path, data, **kw):
+        calls.append(path)
+        if len(calls) == 10:  # the 4th dump's checkpoint
+            raise SharpflowError(f"{path}: no space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(T, "write_bytes", failing)
+    out = tmp_path / "x"
+    with pytest.raises(SharpflowError, match="no space left"):
+        _train(run, tiny_dataset, tiny_data, out)
+    assert not (out / "metrics.parquet").exists()
+    assert [p.name for p in _ckpts(out)] == ["step00000000.pt", "step00000005.pt", "step00000010.pt"]
+    monkeypatch.setattr(T, "write_bytes", real)
+    again = _train(run, tiny_dataset, tiny_data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
+def test_a_lost_metrics_chunk_restarts_the_run_cleanly(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run()
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "x"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=20)
+    chunks = sorted((out / ".resume" / "rows").glob("*.json"))
+    assert len(chunks) == 5  # dumps at steps 0, 5, 10, 15, 16
+    chunks[2].unlink()
+    again = _train(run, tiny_dataset, tiny_data, out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
