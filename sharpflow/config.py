@@ -230,7 +230,11 @@ class SpectrumConfig(Strict):
     tol: PositiveFloat = Field(1e-3, description="Relative residual ‖Hv−λv‖/|λ| every pair must reach.")
     which: Literal["LA", "LM"] = Field("LA", description="Largest algebraic or largest magnitude.")
     backend: Literal["lanczos", "arpack"] = "lanczos"
-    max_matvecs: PositiveInt | None = None
+    max_matvecs: PositiveInt | None = Field(
+        None,
+        description="Budget of Hessian-vector products per solve (None: 1000 + 50k). A solve that runs "
+        "out reports its pairs with converged = False.",
+    )
     warm_chain: NonNegativeInt = Field(
         8,
         description="Warm-start each checkpoint from the previous one's eigenvectors, in chains of this "
