@@ -412,3 +412,38 @@ def test_package_import_is_light():
             "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(res.stdout) == []
+
+
+@pytest.mark.parametrize("kind", ["grid", "evolution"])
+def test_unconverged_eigenvalues_are_ringed(tmp_path, kind):
+    """A pair the solver did not certify is drawn with a hollow ring and named in the legend;
+    converged pairs are not ringed."""
+    from sharpflow.figures import _common, evolution, grid, style
+
+    spec, paths = write_study(tmp_path / "in", with_divergence=False)
+    target = paths["spectrum"][1]  # eta-lr0.05
+    sp = pd.read_parquet(target)
+    bad_steps = CHECKPOINTS[-3:]
+    sp.loc[sp.step.isin(bad_steps), "converged"] = False
+    sp.to_parquet(target, index=False)
+    data = _common.load(inputs_for(kind, paths), figures.KINDS[kind], spec)
+    with style.context():
+        fig = (grid if kind == "grid" else evolution).plot(data, {})
+    rings = [ln for ax in fig.axes for ln in ax.lines if ln.get_gid() == "unconverged"]
+    assert rings, "no unconverged marker drawn"
+    ringed_x = sorted({float(x) for ln in rings for x in ln.get_xdata()})
+    spe = STEPS_PER_EPOCH if kind == "grid" else 1  # grid plots epochs, evolution steps
+    assert ringed_x == pytest.approx(sorted(s / spe for s in bad_steps))
+    legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "not converged (residual > tol)" in legends
+
+
+def test_converged_eigenvalues_are_not_ringed(study):
+    from sharpflow.figures import _common, grid, style
+
+    spec, paths = study
+    data = _common.load(inputs_for("grid", paths), figures.KINDS["grid"], spec)
+    with style.context():
+        fig = grid.plot(data, {})
+    assert not [ln for ln in fig.axes[0].lines if ln.get_gid() == "unconverged"]
+    assert "not converged (residual > tol)" not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

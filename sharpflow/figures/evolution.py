@@ -2,6 +2,7 @@
 
 One row of three panels per run: (a) λ_1..λ_K vs step over the whole run, (b) the same over the
 early phase only (epochs ≤ ``zoom_until_epoch``), (c) train and test accuracy vs epoch.
+In (a), an eigenvalue whose pair missed the solver's tolerance is ringed (o).
 
 Style options: ``top_k`` (eigenvalues drawn, default 10), ``zoom_until_epoch`` (default 2),
 ``max_runs`` (rows, default 4), ``yscale`` of the eigenvalue panels ("linear" | "log", default
@@ -59,12 +60,14 @@ def _row(axes: np.ndarray, data: Data, run: str, label: str, opts: dict[str, Any
         colours = style.rank_colours(len(ranks))
         handles = []
         zoomed = False
+        unconverged = False
         for rank, c in zip(ranks, colours, strict=True):
             d = sp[sp["rank"] == rank].sort_values("step")
             x, y = d["step"].to_numpy(float), d["eigenvalue"].to_numpy(float)
             lw = 1.5 if rank == 1 else 0.9
             (h,) = ax_s.plot(x, y, color=c, lw=lw, label=f"$\\lambda_{{{rank}}}$")
             handles.append(h)
+            unconverged |= style.mark_unconverged(ax_s, d, x, y, c)
             m = d["epoch"].to_numpy(float) <= zoom_until + 1e-9
             if m.sum() > 0:
                 zoomed = True
@@ -76,6 +79,8 @@ def _row(axes: np.ndarray, data: Data, run: str, label: str, opts: dict[str, Any
             lf = last_finite(d1["step"].to_numpy(float), d1["eigenvalue"].to_numpy(float), before=div[0])
             style.mark_divergence(ax_s, div[0], lf[1] if lf else None, "k")
             shown.append(style.diverged_handle())
+        if unconverged:
+            shown.append(style.unconverged_handle())
         ax_s.legend(handles=shown, loc="best")
         for ax in (ax_s, ax_z):
             ax.set_yscale(yscale)

@@ -4,6 +4,7 @@ Left: λ1 (solid) and λ2 (dashed) vs step on a log scale with the 2/η stabilit
 right: training (solid) and test (dashed) accuracy vs step. One colour per run (by η when η
 varies). Runs with ``batch_size == "full"`` are drawn; if the spec has none, all runs are. A run
 that diverged ends with a × and says "(diverged)" in the legend.
+An eigenvalue whose pair missed the solver's tolerance is ringed (o).
 
 Style options: ``max_runs`` (default 6), ``width``, ``title``.
 """
@@ -31,6 +32,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_s, ax_a = fig.subplots(1, 2)
     handles = []
     any_div = False
+    any_unconverged = False
     for run in runs:
         c = colours[run]
         div = data.divergence(run)
@@ -45,6 +47,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
             x, y = d["step"].to_numpy(float), d["eigenvalue"].to_numpy(float)
             y = np.where(y > 0, y, np.nan)
             ax_s.plot(x, y, ls=ls, lw=lw, color=c)
+            any_unconverged |= style.mark_unconverged(ax_s, d, x, y, c)
             if rank == 1 and div is not None:
                 lf = last_finite(x, y, before=div[0])
                 style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
@@ -73,10 +76,11 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_s.set_ylabel(f"$\\lambda_1$, $\\lambda_2$ ({style.EIG_UNIT})")
     ax_a.set_xlabel(f"step{full_note}")
     ax_a.set_ylabel("accuracy (%)")
-    ax_s.legend(handles=[style.style_handle("$\\lambda_1$", ls="-"),
-                         style.style_handle("$\\lambda_2$", ls="--"),
-                         style.style_handle("2/η", ls=":")], loc="lower right")
-    extra = [style.style_handle("train", ls="-"), style.style_handle("test", ls="--")]
+    # One legend, outside on the right: the runs, then what the line styles and marks mean.
+    extra = [style.style_handle("$\\lambda_1$; train", ls="-"), style.style_handle("$\\lambda_2$; test", ls="--"),
+             style.style_handle("2/η", ls=":")]
+    if any_unconverged:
+        extra.append(style.unconverged_handle())
     if any_div:
         extra.append(style.diverged_handle())
     ax_a.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))

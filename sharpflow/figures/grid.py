@@ -4,7 +4,8 @@ One panel per study. λ1 (solid) and λ2 (dashed) on a log scale vs epoch, one c
 the swept setting (detected: the first of η, S, momentum, γ, K, seed that differs among the
 study's runs); a dotted horizontal line at 2/η per learning rate (the stability limit of
 gradient descent on a quadratic with curvature λ: λ < 2/η); the early phase shaded, up to the
-epoch at which λ1 of the first run peaks, or up to ``style.early_epochs`` if given.
+epoch at which λ1 of the first run peaks, or up to ``style.early_epochs`` if given. An eigenvalue whose
+pair missed the solver's tolerance is ringed (o).
 
 Style options: ``early_epochs`` (float), ``stability_line`` (bool, default true), ``xscale``
 ("linear" | "log" | "symlog", default "linear"), ``width``, ``title``.
@@ -56,6 +57,7 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
     any_div = False
     first_peak: float | None = None
     finite = False
+    any_unconverged = False
     for run in runs:
         sp = data.rows("spectrum", run)
         c = colours[run]
@@ -72,6 +74,7 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
             y = np.where(y > 0, y, np.nan)  # a log axis cannot show λ ≤ 0
             finite |= bool(np.isfinite(y).any())
             (h,) = ax.plot(x, y, ls=ls, lw=lw, color=c, label=label if rank == 1 else None)
+            any_unconverged |= style.mark_unconverged(ax, d, x, y, c)
             if rank == 1:
                 drew = h
                 if first_peak is None and np.isfinite(y).any():
@@ -97,6 +100,8 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
         extra.append(Patch(color="0.88", label="early phase"))
     if any_div:
         extra.append(style.diverged_handle())
+    if any_unconverged:
+        extra.append(style.unconverged_handle())
 
     ax.set_yscale("log")
     style.plain_log(ax)

@@ -48,6 +48,9 @@ _PALETTES = {"lr": ("plasma", 0.05, 0.80), "batch_size": ("viridis", 0.05, 0.85)
              "factor": ("Greens", 0.45, 0.9)}
 
 DIVERGED_MARKER = {"marker": "x", "markersize": 7, "markeredgewidth": 1.6, "linestyle": "none", "zorder": 5}
+#: an eigenvalue whose pair missed the solver's tolerance: drawn, but hollow-ringed
+UNCONVERGED_MARKER = {"marker": "o", "markersize": 4.5, "markerfacecolor": "none", "markeredgewidth": 0.9,
+                      "linestyle": "none", "zorder": 4}
 
 RC = {
     "font.size": 8,
@@ -162,6 +165,25 @@ def mark_divergence(ax: Axes, x: float, y: float | None, colour: Any) -> None:
                 **DIVERGED_MARKER)
     else:
         ax.plot([x], [y], color=colour, **DIVERGED_MARKER)
+
+
+def mark_unconverged(ax: Axes, rows: Any, x: np.ndarray, y: np.ndarray, colour: Any) -> bool:
+    """Ring the points (x, y) whose eigenpair did not converge (``rows.converged`` False).
+
+    ``rows`` are the spectrum rows the points were drawn from, in the same order. Returns
+    whether any point was ringed (then add :func:`unconverged_handle` to the legend).
+    """
+    if "converged" not in getattr(rows, "columns", ()):
+        return False
+    bad = ~rows["converged"].to_numpy(bool) & np.isfinite(y)
+    if not bad.any():
+        return False
+    ax.plot(x[bad], y[bad], color=colour, gid="unconverged", **UNCONVERGED_MARKER)
+    return True
+
+
+def unconverged_handle() -> Line2D:
+    return Line2D([], [], color="0.3", label="not converged (residual > tol)", **UNCONVERGED_MARKER)
 
 
 def diverged_handle() -> Line2D:
