@@ -437,13 +437,14 @@ def train(
     held: list[tuple[Tensor, Tensor]] = []  # (logits, targets) of steps not yet counted
     held_size = 0
     correct: list[Tensor] = []  # counts of steps already counted, on the device
-    counted: list[int] = []  # targets per step (the last batch of an epoch may be short; tokens for an LM)
+    counted: list[int] = []  # targets of those steps (a last batch may be short; tokens for an LM)
     pending: list[dict[str, Any]] = []
 
     def count_held() -> None:
         nonlocal held, held_size
         if held:
             correct.append(count_correct_each(held))
+            counted.extend(t.numel() for _, t in held)
             held, held_size = [], 0
 
     def flush_losses() -> bool:
@@ -507,7 +508,6 @@ def train(
             held_size += out.numel()
             if held_size > 1 << 22:  # 16 MB of float32 logits at most
                 count_held()
-            counted.append(yb.numel())
             losses.append(loss.detach())
             pending.append({"run": run_name, "step": step, "epoch": step / spe, "split": "batch",
                             "loss": math.nan, "accuracy": math.nan, "lr": lr, "wall_s": wall(),
