@@ -251,20 +251,24 @@ class _Writer:
     def __init__(self) -> None:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
+        self._failed = False  # sticky: once a write failed, every later job is skipped
+        self._raised = False
         self._thread: threading.Thread | None = None
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if self._error is None:
+            if not self._failed:
                 try:
                     job()
                 except BaseException as err:  # handed to the training thread
                     self._error = err
+                    self._failed = True
 
     def _raise(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        if self._failed and not self._raised:
+            self._raised = True
+            assert self._error is not None
+            raise self._error
 
     def submit(self, job: Callable[[], None]) -> None:
         self._raise()

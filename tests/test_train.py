@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -246,3 +247,39 @@ def test_a_lost_metrics_chunk_restarts_the_run_cleanly(tiny_data, tiny_dataset, 
     chunks[2].unlink()
     again = _train(run, tiny_dataset, tiny_data, out)
     pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
+def test_writer_skips_every_job_after_a_failure_even_once_it_was_raised():
+    """The jobs queued behind a failed write must never run: not after the error was raised at
+    the next submit, and not when the writer is drained on the way out."""
+    import threading
+
+    from sharpflow.train import _Writer
+
+    gate, seen, ran = threading.Event(), threading.Event(), []
+
+    def failing() -> None:
+        gate.wait(10)
+        raise OSError("no space left on device")
+
+    w = _Writer()
+    real_get, gets = w._jobs.get, []
+
+    def get(*a, **kw):  # the worker takes the next job only once the error reached training
+        gets.append(1)
+        if len(gets) == 2:
+            seen.wait(10)
+        return real_get(*a, **kw)
+
+    w._jobs.get = get
+    w.submit(failing)
+    w.submit(lambda: ran.append(2))  # queued while the failing write is still running
+    w.submit(lambda: ran.append(3))
+    gate.set()
+    with pytest.raises(OSError, match="no space left"):
+        for _ in range(1000):
+            w._raise()
+            time.sleep(0.01)
+    seen.set()
+    w.close(raise_errors=False)
+    assert ran == []
