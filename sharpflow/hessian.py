@@ -12,10 +12,12 @@ Design choices, measured on a 288k-parameter CNN with 512 examples on a shared 2
 - The operator is fixed (θ and the N examples do not change), so by default it pays for the
   primal computation once and keeps it (``cache_graph``): either each chunk's gradient graph
   (``create_graph``), after which a product is one second-order backward pass (≈2.5 gradients'
-  time for a CNN on CPU), or ``torch.func.linearize``'s trace of forward-over-reverse with the
-  forward and backward values folded in, after which a product only pushes tangents (≈1.3-1.9
-  gradients). Tracing costs ~0.5 s per chunk, so ``method="auto"`` starts with double backward
-  and moves to the trace only when a product is slow (≥ 0.2 s). A product that redoes the
+  time for a CNN on CPU), or a trace of forward-over-reverse split into a primal program (run
+  once per chunk, its values kept) and a tangent program, after which a product only pushes
+  tangents (≈1.4-1.8 gradients). The trace is made once per chunk *shape* (~1.5 s for the
+  benchmark CNN, against ~0.5-0.8 s per chunk for ``torch.func.linearize``, which bakes each
+  chunk's values in), so ``method="auto"`` starts with double backward and moves to the trace
+  only when a product is slow (≥ 0.2 s). A product that redoes the
   forward and backward, as an ARPACK loop over a plain HVP does, costs ≈3 gradients. Blocks
   (``vmap`` over tangents, ``is_grads_batched``) were slower than a loop on CPU.
 - The eigensolver is thick-restart Lanczos (Krylov-Schur style) with full reorthogonalisation,
@@ -34,10 +36,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from sharpflow.params import LossFn, buffers, flatten, loss_of_params, trainable, unflatten
 
@@ -117,9 +120,9 @@ class HessianOperator:
             this many, bounding memory; the operator is the same up to float rounding.
         method: how a product is taken (all exact):
             ``"fwd_rev"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``. With
-            the cache, ``torch.func.linearize`` traces each chunk once and keeps the primal values,
-            so a product only pushes tangents: ≈1.3-1.9 gradients (the fastest measured). Without
-            it, each call recomputes the primal and ``vmap``s the tangents of a block.
+            the cache, forward-over-reverse is traced once per chunk shape and the primal values
+            of every chunk are kept, so a product only pushes tangents: ≈1.3-1.9 gradients (the
+            fastest measured). Without it, each call recomputes the primal and ``vmap``s the tangents of a block.
             ``"double_backward"``: reverse-over-reverse; the gradient graph (``create_graph``) is
             built once per chunk per call, or once for good with the cache, and reused for every
             vector: ≈2.5 gradients per vector plus ≈1 per chunk and call.
@@ -195,7 +198,7 @@ class HessianOperator:
         ]
         self.matvecs: int = 0
         self._graphs: list[tuple[list[Tensor], list[Tensor], list[int]]] | None = None
-        self._linear: list[Callable[[dict[str, Tensor]], dict[str, Tensor]]] | None = None
+        self._linear: list[Callable[[list[Tensor]], list[Tensor]]] | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _leaves(self) -> dict[str, Tensor]:
@@ -249,8 +252,8 @@ class HessianOperator:
 
         The first chunk's graph build, about one gradient of that chunk, is the probe: a second
         backward costs ≈2.5 of them, so a product over all chunks costs ≈2.5 × chunks × probe.
-        Tracing costs a roughly fixed ~0.3-1 s per chunk (Python) plus ~2 gradients of compute and
-        then saves ~40% of each product: a clear win for a CNN on CPU (≈1 s per product), a loss
+        Tracing costs a roughly fixed ~1-2 s per chunk shape (Python) plus ~2 gradients of compute per
+        chunk and then saves ~40% of each product: a clear win for a CNN on CPU (≈1 s per product), a loss
         for small models or on a GPU (milliseconds per product).
         """
         start = self._clock()
@@ -263,21 +266,50 @@ class HessianOperator:
                 return None
         return [first] + [self._grad_graph(x, y) for x, y, _ in self._chunks[1:]]
 
-    def _linearized(self) -> list[Callable[[dict[str, Tensor]], dict[str, Tensor]]]:
-        """Per chunk, v ↦ H_c v as a traced tangent program with the primal values folded in."""
-        if self._linear is None:
-            from torch.func import grad, linearize
+    def _linearized(self) -> list[Callable[[list[Tensor]], list[Tensor]]]:
+        """Per chunk, v ↦ H_c v (tangents as a list in θ's order) with the primal values kept.
 
-            params = {n: p.detach() for n, p in self._like.items()}
-            linear = []
-            for x, y, _ in self._chunks:
-                grad_fn = grad(lambda p, x=x, y=y: self._loss(p, x, y))
-                with warnings.catch_warnings():
-                    # const-folding the trace warns about its own bookkeeping; nothing to act on
-                    warnings.simplefilter("ignore", UserWarning)
-                    linear.append(linearize(grad_fn, params)[1])
+        Forward-over-reverse is traced once per distinct chunk shape (:func:`_trace_hvp`) and its
+        primal part is evaluated once per chunk; where that split is not possible (a model that
+        updates tensors in place, e.g. BatchNorm statistics in train mode), each chunk is traced
+        by ``torch.func.linearize`` instead.
+        """
+        if self._linear is None:
+            names = list(self._like)
+            params = [self._like[n].detach() for n in names]
+            traces: dict[tuple[object, ...], tuple[fx.GraphModule, fx.GraphModule]] = {}
+            linear: list[Callable[[list[Tensor]], list[Tensor]]] = []
+            try:
+                for x, y, _ in self._chunks:
+                    key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+                    if key not in traces:
+                        traces[key] = _trace_hvp(self._loss, names, params, x, y)
+                    primal, tangent = traces[key]
+                    # Cloned: the primal pass leaves its outputs scattered among freed temporaries,
+                    # and products over them then page-fault on every call (25% slower, measured).
+                    kept = [t.clone() if isinstance(t, Tensor) else t for t in primal(x, y, *params)]
+                    linear.append(partial(_run_tangent, tangent, kept, params))
+            except _NotSplittable:
+                linear = [self._linearize_chunk(names, params, x, y) for x, y, _ in self._chunks]
             self._linear = linear
         return self._linear
+
+    def _linearize_chunk(
+        self, names: list[str], params: list[Tensor], x: Tensor, y: Tensor
+    ) -> Callable[[list[Tensor]], list[Tensor]]:
+        from torch.func import grad, linearize
+
+        grad_fn = grad(lambda p: self._loss(p, x, y))
+        with warnings.catch_warnings():
+            # const-folding the trace warns about its own bookkeeping; nothing to act on
+            warnings.simplefilter("ignore", UserWarning)
+            fn = linearize(grad_fn, dict(zip(names, params, strict=True)))[1]
+
+        def apply(tangents: list[Tensor]) -> list[Tensor]:
+            out = fn(dict(zip(names, tangents, strict=True)))
+            return [out[n] for n in names]
+
+        return apply
 
     def _matvec_linearized(self, rows: Tensor, out: Tensor) -> bool:
         """Cached forward-over-reverse into ``out``; False (and a warning) if the model cannot be
@@ -286,7 +318,7 @@ class HessianOperator:
             linear = self._linearized()
         except Exception as err:  # make_fx cannot trace every model (e.g. data-dependent Python)
             warnings.warn(
-                f"HessianOperator: torch.func.linearize failed ({type(err).__name__}: {err}); "
+                f"HessianOperator: tracing forward-over-reverse failed ({type(err).__name__}: {err}); "
                 "using cached double backward instead",
                 RuntimeWarning,
                 stacklevel=3,
@@ -294,7 +326,7 @@ class HessianOperator:
             self.method = "double_backward"
             return False
         for j in range(rows.shape[0]):
-            v = unflatten(rows[j], self._like)
+            v = list(unflatten(rows[j], self._like).values())
             for fn, (_, _, w) in zip(linear, self._chunks, strict=True):
                 out[j].add_(flatten(fn(v)), alpha=w)
         return True
@@ -375,6 +407,92 @@ class HessianOperator:
         if self.weight_decay:
             total += 0.5 * self.weight_decay * float(self._theta.double().square().sum())
         return total
+
+
+class _NotSplittable(Exception):
+    """The traced product cannot be split into a primal part and a tangent part."""
+
+
+def _trace_hvp(
+    loss: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor],
+    names: list[str],
+    params: list[Tensor],
+    x: Tensor,
+    y: Tensor,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Trace v ↦ ∇²loss(θ; x, y) v (forward-over-reverse) once, split into two programs.
+
+    ``primal(x, y, *θ)`` computes every value the product needs that does not depend on v (the
+    forward activations, the backward's intermediate gradients); ``tangent(*kept, *v)`` then only
+    pushes the tangents. The trace takes x, y and θ as inputs, so one trace serves every chunk of
+    the same shape: ``torch.func.linearize`` traces each chunk anew with its values baked in,
+    which cost ~0.5-0.8 s per chunk on the benchmark CNN (the product itself is identical).
+    """
+    import torch.autograd.forward_ad as fwad
+    from torch.func import grad
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    grad_fn = grad(loss)
+    n = len(names)
+
+    def product(x: Tensor, y: Tensor, *flat: Tensor) -> list[Tensor | None]:
+        with fwad.dual_level():
+            duals = {k: fwad.make_dual(p, t) for k, p, t in zip(names, flat[:n], flat[n:], strict=True)}
+            g = grad_fn(duals, x, y)
+            return [fwad.unpack_dual(g[k]).tangent for k in names]
+
+    graph = make_fx(product)(x, y, *params, *[torch.zeros_like(p) for p in params])
+    return _split_tangent(graph, 2 + n)
+
+
+def _split_tangent(gm: fx.GraphModule, n_primal: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split a traced graph whose first ``n_primal`` inputs are primal, the rest tangents."""
+    nodes = list(gm.graph.nodes)
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    output = next(node for node in nodes if node.op == "output")
+    tangent_in = inputs[n_primal:]
+    dep = set(tangent_in)  # nodes that depend on the tangents
+    for node in nodes:
+        if node.op not in ("placeholder", "output") and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    for node in nodes:
+        # An in-place update is only safe on a value made and used within the tangent program:
+        # in the primal one it could change a kept value after the tangent program read it.
+        if (
+            node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.is_mutable
+            and (node not in dep or not (isinstance(node.args[0], fx.Node) and node.args[0] in dep))
+        ):
+            raise _NotSplittable(f"in-place {node.target} on a value kept between products")
+    kept: dict[fx.Node, None] = {}  # primal values read by the tangent program, in order
+    for node in nodes:
+        if node in dep or node is output:
+            for a in node.all_input_nodes:
+                if a not in dep:
+                    kept[a] = None
+    primal, env = fx.Graph(), {}
+    for node in nodes:
+        if node is not output and node not in dep:
+            env[node] = primal.node_copy(node, lambda a: env[a])
+    primal.output(tuple(env[a] for a in kept))
+    primal.eliminate_dead_code()
+    tangent, env = fx.Graph(), {}
+    for i, a in enumerate(kept):
+        env[a] = tangent.placeholder(f"kept_{i}")
+    for node in tangent_in:
+        env[node] = tangent.placeholder(node.name)
+    for node in nodes:
+        if node in dep and node.op != "placeholder":
+            env[node] = tangent.node_copy(node, lambda a: env[a])
+    tangent.output(fx.map_arg(output.args[0], lambda a: env[a]))
+    return fx.GraphModule(gm, primal), fx.GraphModule(gm, tangent)
+
+
+def _run_tangent(tangent: fx.GraphModule, kept: list[Tensor], params: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+    out = tangent(*kept, *v)
+    # An entry of the gradient that does not depend on θ has no tangent: its Hessian rows are 0.
+    return [torch.zeros_like(p) if t is None else t for t, p in zip(out, params, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -133,10 +133,52 @@ def test_untraceable_model_falls_back_to_double_backward() -> None:
     h = dense_hessian(model, batches)
     op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
     v = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
-    with pytest.warns(RuntimeWarning, match="linearize failed"):
+    with pytest.warns(RuntimeWarning, match="tracing forward-over-reverse failed"):
         hv = op.matvec(v)
     torch.testing.assert_close(hv, h @ v, rtol=1e-10, atol=1e-12)
     assert op.method == "double_backward"
+
+
+def test_one_trace_serves_every_chunk_of_a_shape() -> None:
+    """Linearized forward-over-reverse is traced once per chunk shape, not once per chunk; the
+    products of every chunk (and of the odd-sized last one) are still exactly the dense Hessian's."""
+    model, batches = tiny_cnn(), data([4, 4, 4, 3], shape=(2, 6, 6))
+    h = dense_hessian(model, batches)
+    traced = []
+    real = hessian_module._trace_hvp
+
+    def counting(*args, **kw):
+        traced.append(tuple(args[3].shape))
+        return real(*args, **kw)
+
+    op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
+    v = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hessian_module, "_trace_hvp", counting)
+        hv = op.matvec(v)
+    assert traced == [(4, 2, 6, 6), (3, 2, 6, 6)]
+    torch.testing.assert_close(hv, h @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matvec(v), hv, rtol=0, atol=0)  # the kept values are not consumed
+
+
+def test_in_place_model_is_traced_per_chunk_and_exact() -> None:
+    """An in-place activation mutates a primal value, so the shared trace cannot be split safely:
+    each chunk is linearized on its own (torch.func.linearize) and the product stays exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    batches = data([6, 6])
+    with pytest.raises(hessian_module._NotSplittable, match="in-place"):
+        like = {n: p.detach() for n, p in model.named_parameters()}
+        from sharpflow.params import loss_of_params
+
+        hessian_module._trace_hvp(loss_of_params(model, F.cross_entropy), list(like), list(like.values()), *batches[0])
+    h = dense_hessian(model, batches)
+    op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
+    v = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fall-back to double backward
+        torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-10, atol=1e-12)
+    assert op.method == "fwd_rev"
 
 
 def test_uneven_batches_weight_every_example_equally() -> None:
