@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from sharpflow.analyses.stage import analysis_stage, spectrum_stage
 from sharpflow.config import expand_runs, load_config, project_config, spectrum_config
 from sharpflow.data import prepare
-from sharpflow.stages import project_stage, spectrum_stage
 from sharpflow.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def main() -> None:
             spectrum_stage(spec, run, run_name=a.run, data_dir=t / "data", checkpoint=ck, previous=None,
                            out_table=t / "s.parquet", out_eigvecs=t / "e.pt", log=quiet)
             t1 = time.perf_counter()
-            project_stage(proj, run, run_name=a.run, data_dir=t / "data", checkpoint=ck, eigvecs=t / "e.pt",
+            analysis_stage("project", proj, run, run_name=a.run, data_dir=t / "data", checkpoint=ck, eigvecs=t / "e.pt",
                           out_dir=t / "p", log=quiet)
             t2 = time.perf_counter()
             ratios.append((t2 - t1) / (t1 - t0))

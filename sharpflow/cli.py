@@ -14,23 +14,20 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from .config import (
-    ConfigError,
     DatasetConfig,
-    EscapeConfig,
-    ProjectConfig,
     RunConfig,
     SpectrumConfig,
-    _format_errors,
     expand_runs,
+    format_errors,
     json_schema,
     load_config,
 )
-from .io import SharpflowError
+from .errors import SharpflowError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,7 +43,7 @@ def _model_arg(model: type[M], flag: str) -> Callable[[str], M]:
         try:
             return model.model_validate(raw)
         except ValidationError as err:
-            raise argparse.ArgumentTypeError(f"{flag}: {_format_errors(err)}") from None
+            raise argparse.ArgumentTypeError(f"{flag}: {format_errors(err)}") from None
 
     parse.__name__ = model.__name__
     return parse
@@ -82,8 +79,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_spectrum(a: argparse.Namespace) -> None:
+    from .analyses.stage import spectrum_stage
     from .devices import choose_device
-    from .stages import spectrum_stage
 
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
@@ -92,28 +89,57 @@ def cmd_spectrum(a: argparse.Namespace) -> None:
                    progress=not a.no_progress, log=_log)
 
 
-def cmd_project(a: argparse.Namespace) -> None:
+def _cmd_analysis(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(a: argparse.Namespace) -> None:
+        from .analyses.stage import analysis_stage
+        from .devices import choose_device
+
+        _setup_threads(a.threads)
+        device = choose_device(a.device, log=_log)
+        analysis_stage(name, getattr(a, name), a.run, run_name=a.run_name, data_dir=a.data,
+                       checkpoint=a.checkpoint, eigvecs=a.eigvecs, out_dir=a.out_dir, device=device, log=_log)
+
+    return run
+
+
+def _parse_plan(text: str) -> dict[str, Any]:
+    """--analyses: {name: {"config": {...}, "steps": [...]}} for registered analyses, validated."""
+    from .analyses import REGISTRY
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--analyses: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise argparse.ArgumentTypeError("--analyses: expected a JSON object {name: {config, steps}}")
+    plan = {}
+    for name, entry in raw.items():
+        if name not in REGISTRY:
+            raise argparse.ArgumentTypeError(f"--analyses: unknown analysis {name!r}; known: {', '.join(REGISTRY)}")
+        if not isinstance(entry, dict) or set(entry) != {"config", "steps"}:
+            raise argparse.ArgumentTypeError(f"--analyses.{name}: expected {{\"config\": ..., \"steps\": [...]}}")
+        try:
+            cfg = REGISTRY[name].config.model_validate(entry["config"])
+        except ValidationError as err:
+            raise argparse.ArgumentTypeError(f"--analyses.{name}: {format_errors(err)}") from None
+        plan[name] = (cfg, [int(s) for s in entry["steps"]])
+    return plan
+
+
+def cmd_analyse(a: argparse.Namespace) -> None:
+    from .analyses import REGISTRY
+    from .analyses.stage import Planned, run_chain
     from .devices import choose_device
-    from .stages import project_stage
 
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
-    project_stage(a.project, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint,
-                  eigvecs=a.eigvecs, out_dir=a.out_dir, device=device, log=_log)
-
-
-def cmd_escape(a: argparse.Namespace) -> None:
-    from .devices import choose_device
-    from .stages import escape_stage
-
-    _setup_threads(a.threads)
-    device = choose_device(a.device, log=_log)
-    escape_stage(a.escape, a.run, run_name=a.run_name, data_dir=a.data, checkpoint=a.checkpoint, eigvecs=a.eigvecs,
-                 out_table=a.out_table, device=device, log=_log)
+    plans = [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in a.analyses.items()]
+    run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints, spectrum=a.spectrum,
+              analyses=plans, results=a.results, device=device, progress=not a.no_progress, log=_log)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
-    from .stages import aggregate
+    from .results import aggregate
 
     aggregate(a.inputs, a.out)
 
@@ -193,23 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.set_defaults(func=cmd_spectrum)
 
-    sp = sub.add_parser("project", help="projected-gradient analyses of one checkpoint")
-    common(sp)
-    sp.add_argument("--project", required=True, type=_model_arg(ProjectConfig, "--project"))
-    sp.add_argument("--checkpoint", required=True, type=Path)
-    sp.add_argument("--eigvecs", required=True, type=Path)
-    sp.add_argument("--out-dir", required=True, type=Path)
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.set_defaults(func=cmd_project)
+    from .analyses import REGISTRY
 
-    sp = sub.add_parser("escape", help="escape ablation: SGD with the e1 component edited, from one checkpoint")
+    for name, analysis in REGISTRY.items():
+        sp = sub.add_parser(name, help=f"{analysis.summary} (one checkpoint)")
+        common(sp)
+        sp.add_argument(f"--{name}", required=True, type=_model_arg(analysis.config, f"--{name}"),
+                        help=f"the '{name}' config section as JSON (or @file)")
+        sp.add_argument("--checkpoint", required=True, type=Path)
+        sp.add_argument("--eigvecs", required=True, type=Path, help="the checkpoint's eigenvectors (spectrum)")
+        sp.add_argument("--out-dir", required=True, type=Path,
+                        help=f"where the tables go: runs/{{run}}/{name} ({', '.join(analysis.tables)})")
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.set_defaults(func=_cmd_analysis(name))
+
+    sp = sub.add_parser("analyse", help="a warm-start chain of checkpoints: spectrum, then every analysis, "
+                        "resumable (what the Snakemake analysis jobs run)")
     common(sp)
-    sp.add_argument("--escape", required=True, type=_model_arg(EscapeConfig, "--escape"))
-    sp.add_argument("--checkpoint", required=True, type=Path)
-    sp.add_argument("--eigvecs", required=True, type=Path)
-    sp.add_argument("--out-table", required=True, type=Path)
+    sp.add_argument("--spectrum", required=True, type=_model_arg(SpectrumConfig, "--spectrum"))
+    sp.add_argument("--analyses", default={}, type=_parse_plan,
+                    help='JSON {name: {"config": {...}, "steps": [...]}}: the analyses and where they run')
+    sp.add_argument("--results", required=True, type=Path, help="the results root (outputs go to runs/{run}/...)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.set_defaults(func=cmd_escape)
+    sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
+    sp.set_defaults(func=cmd_analyse)
 
     sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file")
     sp.add_argument("--out", required=True, type=Path)
@@ -246,16 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    known: tuple[type[BaseException], ...] = (SharpflowError, ConfigError)
-    try:
-        from .data import DataError
-
-        known = (*known, DataError)
-    except ImportError:
-        pass
     try:
         args.func(args)
-    except known as err:
+    except SharpflowError as err:
         print(f"sharpflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,41 +21,36 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    create_model,
     model_validator,
 )
 
+from .analyses import REGISTRY as ANALYSES
+from .analyses.escape import EscapeConfig as EscapeConfig  # re-exported: the config sections of the analyses
+from .analyses.project import ProjectConfig as ProjectConfig
+from .configbase import Name, Strict
+from .errors import ConfigError
+
 #: Bumped when a stage's results change meaning; part of that stage's Snakemake params, so a
 #: refactor reruns nothing while a change of meaning reruns exactly that stage and what follows.
-FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 1, "project": 1, "escape": 1}
+FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 1,
+                  **{name: a.format_version for name, a in ANALYSES.items()}}
 
 #: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).
 MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm")
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,200}$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the field path."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
-Name = Annotated[str, Field(pattern=NAME_RE.pattern)]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -247,58 +242,48 @@ class SpectrumConfig(Strict):
     eval_mode: bool = Field(True, description="Hessian of the inference-mode model (BN/dropout off).")
 
 
-class ProjectConfig(Strict):
-    """The projected-gradient analyses of each checkpoint (paper-notes, 'Analyses')."""
-
-    enabled: bool = True
-    k: PositiveInt = Field(5, description="Top directions analysed (≤ spectrum.k).")
-    alignment_batches: PositiveInt = Field(50, description="B mini-batches for the alignment.")
-    random_directions: PositiveInt = Field(5, description="Random unit vectors for the baselines.")
-    grad_batches: PositiveInt = Field(10, description="M mini-batch gradients for steps and sections.")
-    subset: PositiveInt = Field(1000, description="Examples of the fixed loss-evaluation subset.")
-    cross_directions: list[PositiveInt] = Field(default_factory=lambda: [1, 3, 5])
-    cross_ks: list[float] = Field(
-        default_factory=lambda: [0, 0.25, -0.25, 0.5, -0.5, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16]
-    )
-    width_thresholds: list[PositiveFloat] = Field(default_factory=lambda: [1.01, 1.1, 1.5, 2.0])
-    multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.25, 0.33, 0.5, 1, 2, 3, 4])
-    seed: int = 0
-
-
-class EscapeConfig(Strict):
-    """The escape ablation (optional): from chosen checkpoints, continue SGD with the e1 component of
-    every step removed, isolated, frozen or rescaled, tracking the loss and λ_max."""
-
-    checkpoints: dict[str, list[NonNegativeInt]] = Field(
-        default_factory=dict, description="Run id -> checkpoint steps to start from (each in the run's schedule)."
-    )
-    iterations: PositiveInt = Field(1000, description="SGD iterations per mode.")
-    modes: list[Literal["none", "remove", "isolate", "freeze", "rescale"]] = Field(
-        default_factory=lambda: ["none", "remove", "isolate", "freeze", "rescale"]
-    )
-    factor: float = Field(0.5, description="'rescale': multiplier of the e1 component.")
-    eval_every: PositiveInt = Field(50, description="Iterations between loss / λ_max evaluations.")
-    subset: PositiveInt = Field(1000, description="Examples of the fixed loss-evaluation subset.")
-    lambda_tol: PositiveFloat = Field(1e-2, description="Relative residual of the tracked λ_max.")
-
-
-class StudyConfig(Strict):
+class _StudyBase(Strict):
     """A named group of runs: ``base`` merged over ``defaults``, expanded over ``sweep``."""
 
     base: dict[str, Any] = Field(default_factory=dict)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    analyse: bool = Field(True, description="Run spectrum/project on this study's checkpoints.")
+    analyse: bool = Field(True, description="Run the spectrum and the analyses on this study's checkpoints.")
     spectrum: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level spectrum.")
-    project: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level project.")
 
     @model_validator(mode="after")
-    def _check(self) -> StudyConfig:
+    def _check(self) -> _StudyBase:
         for key, values in self.sweep.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
                 raise ValueError(f"sweep key {key!r} is not a dotted field path")
             if not values:
                 raise ValueError(f"sweep {key!r} has no values")
         return self
+
+
+class _Plans(dict):
+    """run id -> checkpoint steps, computed on first use (a config may be valid without them)."""
+
+    def __init__(self, runs: dict[str, RunConfig], datasets: dict[str, DatasetConfig]) -> None:
+        super().__init__()
+        self._runs, self._datasets = runs, datasets
+
+    def __contains__(self, run: object) -> bool:
+        return run in self._runs
+
+    def __missing__(self, run: str) -> list[int]:
+        rc = self._runs[run]
+        self[run] = steps = checkpoint_steps(rc, self._datasets[rc.dataset])
+        return steps
+
+
+#: A study, with one override section per registered analysis (``project: {...}``).
+StudyConfig = create_model(
+    "StudyConfig",
+    __base__=_StudyBase,
+    __doc__=_StudyBase.__doc__,
+    **{name: (dict[str, Any], Field(default_factory=dict, description=f"Overrides of the top-level {name}."))
+       for name in ANALYSES},
+)
 
 
 class StageResources(Strict):
@@ -309,12 +294,24 @@ class StageResources(Strict):
     gpu_model: str | None = Field(None, description="SLURM GPU type (sbatch --gpus=<model>:<gpu>); None: any.")
 
 
-class ResourcesConfig(Strict):
-    """Per-stage resources passed to Snakemake (a profile's set-resources can override them)."""
+class _ResourcesBase(Strict):
+    """Per-stage resources passed to Snakemake (a profile's set-resources can override them).
+
+    An analysis job (one warm-start chain of a run: its spectra and every analysis of those
+    checkpoints) asks for the most threads, memory and GPUs of the sections it runs and the sum of
+    their ``runtime`` over its checkpoints (``runtime`` is minutes per checkpoint there).
+    """
 
     train: StageResources = Field(default_factory=StageResources)
     spectrum: StageResources = Field(default_factory=StageResources)
-    project: StageResources = Field(default_factory=StageResources)
+
+
+ResourcesConfig = create_model(
+    "ResourcesConfig",
+    __base__=_ResourcesBase,
+    __doc__=_ResourcesBase.__doc__,
+    **{name: (StageResources, Field(default_factory=StageResources)) for name in ANALYSES},
+)
 
 
 class FigureConfig(Strict):
@@ -326,17 +323,17 @@ class FigureConfig(Strict):
     style: dict[str, Any] = Field(default_factory=dict, description="Style options of this figure.")
 
 
-class Config(Strict):
+class _ConfigBase(Strict):
+    """A whole study: datasets, runs, the spectrum and analyses of their checkpoints, figures, tables."""
+
     results: str = Field("results", description="Root of every output.")
     datasets: dict[Name, DatasetConfig] = Field(min_length=1)
     defaults: dict[str, Any] = Field(default_factory=dict)
-    studies: dict[Name, StudyConfig] = Field(min_length=1)
+    studies: dict[Name, StudyConfig] = Field(min_length=1)  # type: ignore[valid-type]
     spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
-    project: ProjectConfig = Field(default_factory=ProjectConfig)
     figures: dict[Name, FigureConfig] = Field(default_factory=dict)
     tables: dict[Name, FigureConfig] = Field(default_factory=dict)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    escape: EscapeConfig = Field(default_factory=EscapeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)  # type: ignore[valid-type]
     prune_checkpoints: bool = Field(
         False,
         description="Delete intermediate checkpoints once every job that reads them is done (Snakemake "
@@ -344,20 +341,20 @@ class Config(Strict):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> Config:
+    def _check(self) -> _ConfigBase:
         runs = expand_runs(self)  # validates every run; raises with the field path
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
-        for run, wanted in self.escape.checkpoints.items():
-            if run not in runs:
-                raise ValueError(f"escape.checkpoints: unknown run {run!r}")
-            plan = checkpoint_steps(runs[run], self.datasets[runs[run].dataset])
-            missing = sorted(set(wanted) - set(plan))
-            if missing:
-                raise ValueError(f"escape.checkpoints.{run}: steps {missing} are not checkpoints of the run")
-            if not self.studies[study_of(run)].analyse:
-                raise ValueError(f"escape.checkpoints.{run}: the run's study has analyse: false (no eigenvectors)")
+        plans = _Plans(runs, self.datasets)
+        analysed = {run for run in runs if self.studies[study_of(run)].analyse}
+        for name, analysis in ANALYSES.items():
+            if analysis.check is not None:
+                analysis.check(getattr(self, name), plans, analysed)
+        self._check_presentation()
+        return self
+
+    def _check_presentation(self) -> None:
         from . import figures, tables
 
         for section, items, known in (("figures", self.figures, figures.KINDS), ("tables", self.tables, tables.KINDS)):
@@ -369,9 +366,17 @@ class Config(Strict):
                         raise ValueError(f"{section}.{name}: unknown study {s!r}")
                     needs_analysis = set(known[fig.kind]) - {"metrics"}
                     if needs_analysis and not self.studies[s].analyse:
-                        raise ValueError(f"{section}.{name}: {fig.kind} needs the spectrum/project tables, but "
+                        raise ValueError(f"{section}.{name}: {fig.kind} needs the spectrum/analysis tables, but "
                                          f"study {s!r} has analyse: false")
-        return self
+
+
+#: The config: the fields above plus one section per registered analysis (``project``, ``escape``).
+Config = create_model(
+    "Config",
+    __base__=_ConfigBase,
+    __doc__=_ConfigBase.__doc__,
+    **{name: (a.config, Field(default_factory=a.config, description=a.summary)) for name, a in ANALYSES.items()},
+)
 
 
 # ---------------------------------------------------------------------------------- expansion
@@ -446,7 +451,7 @@ def expand_runs(cfg: Config) -> dict[str, RunConfig]:
             try:
                 run = RunConfig.model_validate(raw)
             except ValidationError as err:
-                raise ValueError(f"studies.{sname} (run {rid}): {_format_errors(err)}") from None
+                raise ValueError(f"studies.{sname} (run {rid}): {format_errors(err)}") from None
             if not RUN_ID_RE.match(rid):
                 raise ValueError(f"studies.{sname}: run id {rid!r} is not a safe name")
             if rid in runs:
@@ -464,9 +469,11 @@ def spectrum_config(cfg: Config, run: str) -> SpectrumConfig:
     return SpectrumConfig.model_validate(_deep_merge(cfg.spectrum.model_dump(), study.spectrum))
 
 
-def project_config(cfg: Config, run: str) -> ProjectConfig:
+def analysis_config(cfg: Config, name: str, run: str) -> BaseModel:
+    """The config section of analysis ``name`` for ``run``: the top level, with its study's overrides."""
     study = cfg.studies[study_of(run)]
-    return ProjectConfig.model_validate(_deep_merge(cfg.project.model_dump(), study.project))
+    section = ANALYSES[name].config
+    return section.model_validate(_deep_merge(getattr(cfg, name).model_dump(), getattr(study, name)))
 
 
 # ------------------------------------------------------------------------------ checkpoint plan
@@ -516,7 +523,7 @@ def checkpoint_steps(run: RunConfig, dataset: DatasetConfig) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     msgs = []
     for e in err.errors():
         # repr() keys with control characters, so the message stays one readable line
@@ -533,7 +540,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+        raise ConfigError(f"{source}: {format_errors(err)}") from None
 
 
 def read_yaml(path: str | Path) -> Any:

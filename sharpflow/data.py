@@ -20,8 +20,9 @@ image     cifar10, cifar100, mnist,             uint8 (N, C, H, W), raw      int
 tokens    ptb                                   int64 (N, bptt) word ids    int64 (N, bptt), x shifted
 ========  ====================================  ==========================  =========================
 
-Every npz is written with fixed zip timestamps, so the same config and seed give byte-identical
-files (and so equal SHA-256 digests, recorded in ``meta.json`` and checked by ``load_prepared``).
+Every file is written through :mod:`sharpflow.io` (atomically); its npz files carry fixed zip
+timestamps, so the same config and seed give byte-identical files (and so equal SHA-256 digests,
+recorded in ``meta.json`` and checked by ``load_prepared``).
 
 Randomness: one ``numpy.random.default_rng(cfg.seed)``; its first draw is the permutation of
 the source's training set (the first ``valid_size`` go to valid, the rest, in permuted order,
@@ -43,20 +44,20 @@ import random
 import shutil
 import urllib.error
 import urllib.request
-import uuid
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpflow.config import FORMAT_VERSION, DatasetConfig
+from sharpflow.config import FORMAT_VERSION, DatasetConfig, RunConfig
+from sharpflow.errors import DataError, SharpflowError
+from sharpflow.io import atomic_path, read_npz, write_npz, write_text
 
 #: Version of the prepared-data directory layout (also part of the prepare stage's params).
 DATA_FORMAT_VERSION = FORMAT_VERSION["prepare"]
@@ -78,56 +79,7 @@ SHIFT = 4  # augmentation: maximal shift in pixels along each axis
 Log = Callable[[str], Any]
 
 
-class DataError(ValueError):
-    """A data problem the user can fix; the message names the file and says how."""
-
-
 # ------------------------------------------------------------------------------------ file I/O
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temporary file in the same directory, fsync, then rename.
-
-    No reader ever sees a half-written file: the rename is atomic on POSIX filesystems.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    # os.open with mode 0o666 lets the umask decide permissions, as a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed ``.npz`` (as ``np.savez``) but byte-reproducible: fixed zip timestamps."""
-
-    def write(fh: IO[bytes]) -> None:
-        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, arr in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_STORED
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(arr, order="C"), allow_pickle=False)
-
-    _atomic_write(path, write)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -216,15 +168,12 @@ def _gunzip_placed(raw_dir: Path, gz_names: list[str]) -> None:
     for name in gz_names:
         gz, plain = raw_dir / name, raw_dir / name.removesuffix(".gz")
         if gz.is_file() and not plain.is_file():
-
-            def write(fh: IO[bytes], gz: Path = gz) -> None:
-                with gzip.open(gz, "rb") as src:
-                    shutil.copyfileobj(src, fh)
-
-            try:
-                _atomic_write(plain, write)
-            except (OSError, EOFError) as err:
-                raise DataError(f"{gz}: cannot decompress ({err}); replace the file") from None
+            with atomic_path(plain) as tmp:
+                try:
+                    with gzip.open(gz, "rb") as src, open(tmp, "wb") as fh:
+                        shutil.copyfileobj(src, fh)
+                except (OSError, EOFError) as err:
+                    raise DataError(f"{gz}: cannot decompress ({err}); replace the file") from None
 
 
 def _load_torchvision(cfg: DatasetConfig, log: Log) -> _Raw:
@@ -320,33 +269,34 @@ def _ptb_fetch(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[dict[str, 
         if not cfg.download:
             raise DataError(f"ptb: {path} is missing and download is false. Set download: true, or {how}.")
         log(f"downloading {url}")
-        cache.mkdir(parents=True, exist_ok=True)
-
-        def write(fh: IO[bytes], url: str | None = url, desc: str = names[split]) -> None:
-            assert url is not None
-            with urllib.request.urlopen(url, timeout=60) as resp:
-                total = resp.headers.get("Content-Length")
-                bar = None
-                if progress:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=desc)
-                try:
-                    while chunk := resp.read(1 << 16):
-                        fh.write(chunk)
-                        if bar is not None:
-                            bar.update(len(chunk))
-                finally:
-                    if bar is not None:
-                        bar.close()
-
-        try:
-            _atomic_write(path, write)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            raise DataError(
-                f"ptb: the download of {url} failed ({type(err).__name__}: {err}). To fix: {how}."
-            ) from None
+        assert url is not None
+        with atomic_path(path) as tmp:
+            try:
+                _download(url, tmp, names[split], progress)
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                raise DataError(
+                    f"ptb: the download of {url} failed ({type(err).__name__}: {err}). To fix: {how}."
+                ) from None
     return paths, urls
+
+
+def _download(url: str, dest: Path, desc: str, progress: bool) -> None:
+    """Copy ``url`` into the file ``dest``, with a progress bar if asked."""
+    with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as fh:
+        total = resp.headers.get("Content-Length")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=desc)
+        try:
+            while chunk := resp.read(1 << 16):
+                fh.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def _ptb_tokens(path: Path) -> list[str]:
@@ -470,29 +420,8 @@ def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
         raise DataError(f"{what}: labels outside [0, {num_classes}): min {y.min()}, max {y.max()}")
 
 
-def prepare(cfg: DatasetConfig, out_dir: str | Path, *, progress: bool = True, log: Log = print) -> dict[str, Any]:
-    """Prepare one dataset into ``out_dir`` (see the module docstring for the files); return its meta.
-
-    Raises :class:`DataError` for anything the user must fix: a failed download, missing or
-    corrupt files, a training set whose size differs from ``cfg.train_size()`` (which the
-    Snakefile relies on), or a Hessian subset larger than the training set.
-    """
-    out = Path(out_dir)
-    if not 0 <= cfg.seed < 2**32:
-        raise DataError(f"seed {cfg.seed}: data seeds must be in [0, 2**32)")
-    try:
-        expected = cfg.train_size()
-    except ValueError as err:
-        raise DataError(f"{cfg.source}: {err}") from None
-    if cfg.hessian_subset > expected:
-        raise DataError(
-            f"hessian_subset = {cfg.hessian_subset} exceeds the {expected} training examples; "
-            f"lower hessian_subset to at most {expected}"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    # A stale meta.json would mark a half-rewritten directory as complete.
-    (out / "meta.json").unlink(missing_ok=True)
-
+def _read_source(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[_Raw, str]:
+    """The source as read, checked non-empty with labels in range; also how to name it in errors."""
     if cfg.source == "mnist1d":
         raw = _load_mnist1d(cfg, log)
     elif cfg.source == "ptb":
@@ -507,9 +436,14 @@ def prepare(cfg: DatasetConfig, out_dir: str | Path, *, progress: bool = True, l
     if raw.kind != "tokens":
         _check_labels(raw.train_y, raw.num_classes, f"{src} (train)")
         _check_labels(raw.test_y, raw.num_classes, f"{src} (test)")
+    return raw, src
 
-    # Split: the rng's first draw permutes the source's training set.
-    rng = np.random.default_rng(cfg.seed)
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _split(cfg: DatasetConfig, raw: _Raw, rng: np.random.Generator, expected: int) -> Splits:
+    """Train, valid and test; the rng's first draw permutes the source's training set."""
     n_source = len(raw.train_y)
     n_valid = cfg.default_valid_size()
     if n_valid >= n_source:
@@ -535,56 +469,96 @@ def prepare(cfg: DatasetConfig, out_dir: str | Path, *, progress: bool = True, l
     }
     if raw.valid_x is not None and raw.valid_y is not None and n_valid == 0:
         splits["valid"] = (raw.valid_x, raw.valid_y)
-    n_train = len(train_idx)
-    # The second draw: the Hessian subset.
-    hessian_idx = rng.choice(n_train, size=cfg.hessian_subset, replace=False).astype(np.int64)
+    return splits
 
-    norm_arrays: dict[str, np.ndarray] | None = None
+
+def _normalise(
+    cfg: DatasetConfig, raw: _Raw, splits: Splits, src: str
+) -> tuple[Splits, dict[str, Any] | None, dict[str, np.ndarray] | None]:
+    """Constants from the final train split: (splits, meta's ``normalization``, ``norm.npz`` arrays).
+
+    Vectors are stored normalised; images raw, with their constants in ``norm.npz``; tokens as they are.
+    """
     if raw.kind == "vector":
         tx = splits["train"][0]
         mean, std = float(tx.mean()), float(tx.std())
         if not std > 0:
             raise DataError(f"{src}: the training inputs are constant (std 0); cannot normalise")
         splits = {k: (((x - mean) / std).astype(np.float32), y) for k, (x, y) in splits.items()}
-        normalization: dict[str, Any] | None = {
+        normalization: dict[str, Any] = {
             "scheme": "global",
             "mean": mean,
             "std": std,
             "applied": True,
             "note": "x is stored normalised: (raw - mean) / std",
         }
-    elif raw.kind == "image":
-        per_pixel = cfg.source in PER_PIXEL_MEAN
-        mean_arr, std = _image_norm(splits["train"][0], per_pixel)
-        if not std > 0:
-            raise DataError(f"{src}: the training images are constant (std 0); cannot normalise")
-        norm_arrays = {"mean": mean_arr.astype(np.float32), "std": np.asarray(std, dtype=np.float32)}
-        normalization = {
-            "scheme": "per_pixel_mean" if per_pixel else "global",
-            "mean": float(mean_arr) if mean_arr.ndim == 0 else None,
-            "mean_shape": list(mean_arr.shape),
-            "mean_average": float(mean_arr.mean()),
-            "std": std,
-            "applied": False,
-            "file": "norm.npz",
-            "note": "x is stored raw (uint8, 0-255); loaders compute (x - mean) / std, "
-            "mean and std from norm.npz in the same units",
-        }
-    else:
-        normalization = None
+        return splits, normalization, None
+    if raw.kind != "image":
+        return splits, None, None
+    per_pixel = cfg.source in PER_PIXEL_MEAN
+    mean_arr, std = _image_norm(splits["train"][0], per_pixel)
+    if not std > 0:
+        raise DataError(f"{src}: the training images are constant (std 0); cannot normalise")
+    norm_arrays = {"mean": mean_arr.astype(np.float32), "std": np.asarray(std, dtype=np.float32)}
+    normalization = {
+        "scheme": "per_pixel_mean" if per_pixel else "global",
+        "mean": float(mean_arr) if mean_arr.ndim == 0 else None,
+        "mean_shape": list(mean_arr.shape),
+        "mean_average": float(mean_arr.mean()),
+        "std": std,
+        "applied": False,
+        "file": "norm.npz",
+        "note": "x is stored raw (uint8, 0-255); loaders compute (x - mean) / std, "
+        "mean and std from norm.npz in the same units",
+    }
+    return splits, normalization, norm_arrays
 
+
+def _write_arrays(out: Path, npz_files: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+    """Write each ``{name}: arrays`` as ``out/name`` (C order, as ``np.savez``); return their SHA-256."""
     files: dict[str, str] = {}
-
-    def write_npz(name: str, arrays: dict[str, np.ndarray]) -> None:
+    for name, arrays in npz_files.items():
         path = out / name
-        _write_npz(path, arrays)
+        write_npz(path, **{k: np.asarray(v, order="C") for k, v in arrays.items()})
         files[name] = _sha256(path)
+    return files
 
-    for name, (x, y) in splits.items():
-        write_npz(f"{name}.npz", {"x": x, "y": y})
-    write_npz("hessian.npz", {"idx": hessian_idx})
+
+def prepare(cfg: DatasetConfig, out_dir: str | Path, *, progress: bool = True, log: Log = print) -> dict[str, Any]:
+    """Prepare one dataset into ``out_dir`` (see the module docstring for the files); return its meta.
+
+    Raises :class:`DataError` for anything the user must fix: a failed download, missing or
+    corrupt files, a training set whose size differs from ``cfg.train_size()`` (which the
+    Snakefile relies on), or a Hessian subset larger than the training set.
+    """
+    out = Path(out_dir)
+    if not 0 <= cfg.seed < 2**32:
+        raise DataError(f"seed {cfg.seed}: data seeds must be in [0, 2**32)")
+    try:
+        expected = cfg.train_size()
+    except ValueError as err:
+        raise DataError(f"{cfg.source}: {err}") from None
+    if cfg.hessian_subset > expected:
+        raise DataError(
+            f"hessian_subset = {cfg.hessian_subset} exceeds the {expected} training examples; "
+            f"lower hessian_subset to at most {expected}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    # A stale meta.json would mark a half-rewritten directory as complete.
+    (out / "meta.json").unlink(missing_ok=True)
+
+    raw, src = _read_source(cfg, log, progress)
+    rng = np.random.default_rng(cfg.seed)
+    splits = _split(cfg, raw, rng, expected)
+    # The second draw: the Hessian subset.
+    hessian_idx = rng.choice(len(splits["train"][1]), size=cfg.hessian_subset, replace=False).astype(np.int64)
+    splits, normalization, norm_arrays = _normalise(cfg, raw, splits, src)
+
+    npz_files = {f"{name}.npz": {"x": x, "y": y} for name, (x, y) in splits.items()}
+    npz_files["hessian.npz"] = {"idx": hessian_idx}
     if norm_arrays is not None:
-        write_npz("norm.npz", norm_arrays)
+        npz_files["norm.npz"] = norm_arrays
+    files = _write_arrays(out, npz_files)
 
     train_x = splits["train"][0]
     meta: dict[str, Any] = {
@@ -604,8 +578,7 @@ def prepare(cfg: DatasetConfig, out_dir: str | Path, *, progress: bool = True, l
         "config": cfg.model_dump(mode="json"),
         **raw.extra_meta,
     }
-    text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
-    _atomic_write(out / "meta.json", lambda fh: fh.write(text.encode("utf-8")))
+    write_text(out / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
     sizes = meta["split_sizes"]
     log(f"prepared {cfg.source} in {out}: train {sizes['train']}, valid {sizes['valid']}, test {sizes['test']}")
     return meta
@@ -642,13 +615,17 @@ def _redo(data_dir: Path) -> str:
 
 
 def _read_npz(path: Path, names: tuple[str, ...], data_dir: Path) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of a prepared file; a missing or unreadable one says how to redo it."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {n: npz[n] for n in names}
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; {_redo(data_dir)}") from None
-    except (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError) as err:
-        raise DataError(f"{path}: unreadable or corrupt ({type(err).__name__}: {err}); {_redo(data_dir)}") from None
+        arrays = read_npz(path)
+    except SharpflowError as err:
+        if not path.exists():
+            raise DataError(f"{path}: missing; {_redo(data_dir)}") from None
+        raise DataError(f"{err}; {_redo(data_dir)}") from None
+    absent = [n for n in names if n not in arrays]
+    if absent:
+        raise DataError(f"{path}: unreadable or corrupt (no arrays {absent}); {_redo(data_dir)}")
+    return {n: arrays[n] for n in names}
 
 
 def load_prepared(data_dir: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> Dataset:
@@ -714,6 +691,34 @@ def load_prepared(data_dir: str | Path, device: str | torch.device = "cpu", *, v
         input_shape=tuple(meta["input_shape"]),
         num_classes=int(meta["num_classes"]),
     )
+
+
+@dataclass(frozen=True)
+class TrainView:
+    """The part of the training set a run trains on, and its mini-batch size."""
+
+    x: Tensor  # the examples the run trains on (the first ``run.train_subset``, or all)
+    y: Tensor
+    n: int  # len(x)
+    batch_size: int  # the run's mini-batch size (n for "full", capped at n)
+
+
+def train_view(run: RunConfig, data: Dataset) -> TrainView:
+    """The examples ``run`` trains on (``train_subset`` keeps the first n) and its batch size."""
+    n = run.train_subset or len(data.train.x)
+    bs = run.optimizer.batch_size
+    return TrainView(
+        x=data.train.x[:n], y=data.train.y[:n], n=n, batch_size=n if bs == "full" else min(bs, n)
+    )
+
+
+def hessian_batches(data: Dataset, n: int, batch_size: int = 512) -> list[tuple[Tensor, Tensor]]:
+    """The first ``n`` examples of the prepared Hessian subset, as batches."""
+    idx = data.hessian_idx[:n]
+    if len(idx) < n:
+        raise SharpflowError(f"the Hessian subset has {len(idx)} examples, {n} were asked for")
+    x, y = data.train.x[idx], data.train.y[idx]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
 # ----------------------------------------------------------------------------------- augmentation

@@ -3,7 +3,8 @@
 Every output goes through :func:`atomic_path`: it is written to a temporary file in the same
 directory, flushed and fsync'ed, then renamed over the target (``os.replace`` is atomic on
 POSIX), and the directory entry is fsync'ed. On any error the temporary file is removed and
-the previous target, if any, is left as it was.
+the previous target, if any, is left as it was. Files get the permissions a plain ``open``
+would give them (the umask decides).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import errno
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-class SharpflowError(RuntimeError):
-    """A problem the user can act on; the CLI prints its message alone, without a traceback."""
+from .errors import SharpflowError
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -44,6 +43,14 @@ def _explain_oserror(err: OSError, path: Path) -> SharpflowError:
     return SharpflowError(f"cannot write {path}: {why}; the previous version (if any) is untouched")
 
 
+def _new_temp(path: Path) -> Path:
+    """An empty new file ``.{name}.{random}.tmp`` next to ``path``, created as ``open`` would
+    (mode 0o666 less the umask; ``tempfile.mkstemp`` would make it 0o600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -54,11 +61,9 @@ def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = _new_temp(path)
     except OSError as err:
         raise _explain_oserror(err, path) from None
-    tmp = Path(tmp_name)
     try:
         yield tmp
         if durable:
@@ -121,6 +126,8 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` atomically: uncompressed, byte-reproducible (zipfile stamps every member it
+    opens by name with its fixed default date, 1980-01-01)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
 

@@ -2,7 +2,8 @@
 
 One function, :func:`train`, runs SGD (or Nudged-SGD) for one run and writes
 
-- ``checkpoints/step{step:08d}.pt`` at every step of :func:`sharpflow.config.checkpoint_steps`;
+- ``checkpoints/step{step:08d}.pt`` at every step of :func:`sharpflow.config.checkpoint_steps`
+  (names, loading and writing in :mod:`sharpflow.checkpoints`);
 - ``metrics.parquet`` (schema in :data:`METRICS_COLUMNS`).
 
 Determinism: the data order of epoch ``e`` and all randomness of step ``t`` (augmentation,
@@ -10,32 +11,32 @@ dropout) come from generators seeded by ``(seed, e)`` and ``(seed, t)``, so a ru
 any checkpoint is bitwise identical to one that never stopped (on the same device). A model
 without dropout draws nothing at random in a step, and its steps skip the seeding.
 
-Resume: checkpoints are first written into ``.resume/`` (outside Snakemake's declared outputs,
-which Snakemake deletes when a job fails) together with the optimiser state and the metrics
-since the previous checkpoint, then hard-linked to their declared place. A rerun after a crash
-starts from the newest complete resume state and relinks the checkpoints before it.
+Resume: each dump also writes the optimiser state and the metrics since the previous dump into
+``.resume/`` (outside Snakemake's declared outputs, see :class:`~sharpflow.checkpoints.CheckpointWriter`);
+a rerun after a crash starts from the newest complete resume state.
 
-Cost: the files are serialised on the training thread (a snapshot) and written, fsynced and
-published in order by one background thread, so disk latency overlaps the next steps; the
-per-step bookkeeping is a few tensor ops whose values are read back in batches of 256 steps.
-``bench/train_overhead.py`` measures the total against a bare PyTorch loop.
+Cost: the dumps are serialised on the training thread and written by a background thread, so
+disk latency overlaps the next steps; the per-step bookkeeping is a few tensor ops whose values
+are read back in batches of 256 steps (:class:`_Metrics`). ``bench/train_overhead.py`` measures
+the total against a bare PyTorch loop.
 
 Divergence: a non-finite mini-batch loss ends training; the remaining scheduled checkpoints
 are written with ``status="diverged"`` so every downstream stage still has its inputs and
 marks its rows instead of crashing. Early stopping does the same with ``status="stopped"``
 (the stopped weights, unchanged).
+
+Layout: :func:`train` builds a :class:`_Run` and calls :meth:`_Run.begin` (resume or start),
+:meth:`_Run.loop` (each step :meth:`_Run.update`, then :meth:`_Run.after_update`) and
+:meth:`_Run.finish`. The parts: :class:`_Schedule` (learning rate, early stopping),
+:class:`_DataOrder` (mini-batches), :class:`_Metrics` (the rows), :func:`_refresh_subspace`
+(NSGD) and :class:`~sharpflow.checkpoints.CheckpointWriter` (dumps and resume state).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import os
-import queue
-import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +46,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .checkpoints import CheckpointWriter
 from .config import FORMAT_VERSION, DatasetConfig, RunConfig, checkpoint_steps, steps_per_epoch, total_steps
-from .io import SharpflowError, load_torch, write_bytes, write_parquet
+from .data import Dataset, TrainView, augment, hessian_batches, load_prepared, train_view
+from .errors import SharpflowError
+from .io import write_parquet
+from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
 #: step, every step) or "train"/"valid"/"test" (full evaluations, at checkpoints and, under a
@@ -60,12 +65,6 @@ METRICS_COLUMNS = [
     "run", "step", "epoch", "split", "loss", "accuracy", "lr", "wall_s",
     "dist_init", "param_norm", "refresh_s", "refresh_matvecs", "status",
 ]
-
-CKPT_KEYS = ("model", "step", "epoch", "status", "run", "format")
-
-
-def ckpt_name(step: int) -> str:
-    return f"step{step:08d}.pt"
 
 
 def config_digest(run: RunConfig, dataset: DatasetConfig) -> str:
@@ -132,8 +131,6 @@ class _Schedule:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
     """Mean loss (nats) and accuracy of ``model`` in eval mode on (x, y)."""
-    from .models import count_correct, loss_fn
-
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0
@@ -163,19 +160,9 @@ def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
-def hessian_batches(data: Any, n: int, batch_size: int = 512) -> list[tuple[Tensor, Tensor]]:
-    """The first ``n`` examples of the prepared Hessian subset, as batches."""
-    idx = data.hessian_idx[:n]
-    if len(idx) < n:
-        raise SharpflowError(f"the Hessian subset has {len(idx)} examples, {n} were asked for")
-    x, y = data.train.x[idx], data.train.y[idx]
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
-
-
-def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Any, gen_seed: int) -> tuple[float, int]:
+def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset, gen_seed: int) -> tuple[float, int]:
     """Recompute NSGD's top-k subspace (warm-started); return (seconds, matvecs)."""
     from .hessian import HessianOperator, top_eigenpairs
-    from .models import loss_fn
 
     ns = run.optimizer.nsgd
     assert ns is not None
@@ -191,118 +178,272 @@ def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Any, gen
     return time.perf_counter() - t0, int(res.matvecs)
 
 
-class _Stash:
-    """Checkpoints and resume state under ``{run_dir}/.resume`` (not a Snakemake output).
+def _flat_params(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    ``state.pt`` (optimizer, schedule, wall clock, status at the newest dump) points at a stashed
-    checkpoint, which holds the weights; ``rows/step{N}.json`` hold the metrics rows recorded up
-    to dump N since the dump before it, so a dump costs the same at step 100 as at step 100,000.
+
+class _DataOrder:
+    """The examples of each step: epoch ``e`` is a permutation of the training view seeded by
+    ``(seed, e)``, cut into consecutive mini-batches."""
+
+    def __init__(self, view: TrainView, seed: int, steps_per_epoch: int, device: torch.device):
+        self.view, self.seed, self.spe, self.device = view, seed, steps_per_epoch, device
+        self._perm: Tensor | None = None
+        self._epoch = -1
+
+    def batch(self, step: int) -> Tensor:
+        """Indices into the view of mini-batch ``step`` (its epoch's order is drawn at its first step)."""
+        epoch, within = divmod(step, self.spe)
+        if epoch != self._epoch:
+            g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, epoch, 1))
+            self._perm = torch.randperm(self.view.n, generator=g).to(self.device)
+            self._epoch = epoch
+        assert self._perm is not None
+        bs = self.view.batch_size
+        return self._perm[within * bs : (within + 1) * bs]
+
+
+class _Metrics:
+    """The rows of metrics.parquet as training records them.
+
+    Evaluation rows are added as they come. A mini-batch row waits in a buffer with its loss
+    (kept on the device) and its logits (detached, while they are small): the argmax of many
+    steps is taken at once, and the values are read back at most every ``READ_BACK`` steps.
     """
 
-    def __init__(self, run_dir: Path, digest: str):
-        self.dir = run_dir / ".resume"
-        self.digest = digest
+    READ_BACK = 256  # buffered mini-batch rows that call for a read-back
+    HELD_MAX = 1 << 22  # logits held uncounted at most: 16 MB of float32
 
-    def checkpoint(self, step: int) -> Path:
-        return self.dir / "checkpoints" / ckpt_name(step)
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+        self._saved = len(rows)  # rows[:_saved] are already in the resume state
+        self._pending: list[dict[str, Any]] = []  # mini-batch rows without their loss and accuracy
+        self._losses: list[Tensor] = []
+        self._held: list[tuple[Tensor, Tensor]] = []  # (logits, targets) of steps not yet counted
+        self._held_size = 0
+        self._correct: list[Tensor] = []  # counts of steps already counted, on the device
+        self._counted: list[int] = []  # targets of those steps (a last batch may be short; tokens for an LM)
 
-    def rows(self, step: int) -> Path:
-        return self.dir / "rows" / f"step{step:08d}.json"
+    @property
+    def due(self) -> bool:
+        """Whether enough mini-batch rows wait to read them back."""
+        return len(self._pending) >= self.READ_BACK
 
-    def state(self) -> Path:
-        return self.dir / "state.pt"
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
 
-    def load(self) -> dict[str, Any] | None:
-        path = self.state()
-        if not path.exists():
-            return None
-        try:
-            state = load_torch(path, required=("digest", "step", "optimizer", "dumps"), what="resume state")
-            if state["digest"] != self.digest:
-                return None  # the run's config changed: start afresh
-            # the weights live in the stashed checkpoints, not twice on disk
-            state["model"] = load_torch(self.checkpoint(int(state["step"])), required=("model",))["model"]
-            state["model0"] = load_torch(self.checkpoint(0), required=("model",))["model"]
-            rows: list[dict[str, Any]] = []
-            for s in state["dumps"]:
-                chunk = self.rows(int(s))
-                try:
-                    rows.extend(json.loads(chunk.read_text()))
-                except (OSError, ValueError):
-                    return None  # a lost or torn chunk only costs a restart
-            state["rows"] = rows
-        except SharpflowError:
-            return None  # an unreadable resume state only costs a restart
-        return state
+    def add_batch(self, logits: Tensor, targets: Tensor, loss: Tensor, row: dict[str, Any]) -> None:
+        """Buffer the row of one mini-batch; its loss and accuracy are filled in by :meth:`flush`."""
+        self._held.append((logits.detach(), targets))
+        self._held_size += logits.numel()
+        if self._held_size > self.HELD_MAX:
+            self._count_held()
+        self._losses.append(loss.detach())
+        self._pending.append(row)
 
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def _count_held(self) -> None:
+        if self._held:
+            self._correct.append(count_correct_each(self._held))
+            self._counted.extend(t.numel() for _, t in self._held)
+            self._held, self._held_size = [], 0
+
+    def flush(self) -> bool:
+        """Record the pending mini-batch rows; False if a loss was not finite."""
+        if not self._pending:
+            return True
+        self._count_held()
+        loss_v = torch.stack(self._losses).double().cpu().tolist()
+        acc_v = (torch.cat(self._correct).cpu().double() / torch.tensor(self._counted, dtype=torch.float64)).tolist()
+        ok = True
+        for r, lv, av in zip(self._pending, loss_v, acc_v, strict=True):
+            r["loss"], r["accuracy"] = lv, av
+            if not math.isfinite(lv):
+                ok = False
+                r["status"] = "diverged"
+        self.rows.extend(self._pending)
+        self._losses, self._correct, self._counted, self._pending = [], [], [], []
+        return ok
+
+    def unsaved(self) -> list[dict[str, Any]]:
+        """The rows recorded since the previous call: the next chunk of the resume state."""
+        chunk = self.rows[self._saved :]
+        self._saved = len(self.rows)
+        return chunk
+
+    def table(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows, columns=METRICS_COLUMNS)
+        return df.sort_values(["step", "split"], kind="stable").reset_index(drop=True)
 
 
-class _Writer:
-    """One background thread that runs file writes in the order they were submitted.
+class _Run:
+    """One run in training: its model, optimiser, schedule, data order, metrics and checkpoints.
 
-    Training submits a dump as closures over bytes already serialised (a snapshot of the
-    weights), so it goes on with the next steps while the files are written and fsynced. A
-    failed write is re-raised on the training thread at the next submit or at :meth:`close`;
-    the jobs after it are skipped, so nothing is published that rests on a missing file.
+    ``status`` is "ok" while it trains, then "diverged" or "stopped"; it marks every later row
+    and checkpoint.
     """
 
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._failed = False  # sticky: once a write failed, every later job is skipped
-        self._raised = False
-        self._thread: threading.Thread | None = None
+    def __init__(self, run: RunConfig, dataset: DatasetConfig, data: Dataset, *, run_name: str,
+                 out_dir: Path, device: torch.device, log: Callable[[str], None]):
+        self.run, self.run_name, self.data, self.device, self.log = run, run_name, data, device, log
+        self.steps = checkpoint_steps(run, dataset)
+        self.ckpt_steps = set(self.steps)
+        self.last = total_steps(run, dataset)
+        self.spe = steps_per_epoch(run, dataset)
+        self.view = train_view(run, data)
+        if run.augment and data.kind != "image":
+            raise SharpflowError(f"augment: true needs an image dataset; {run.dataset} is {data.kind}")
+        torch.manual_seed(_mix(run.seed, -1))
+        self.model = build_model(run.model, tuple(data.input_shape), data.num_classes).to(device)
+        self.theta0 = _flat_params(self.model).clone()
+        self.opt = build_optimizer(self.model, run)
+        self.sched = _Schedule(run)
+        self.ckpts = CheckpointWriter(out_dir, config_digest(run, dataset))
+        self.metrics = _Metrics([])
+        self.order = _DataOrder(self.view, run.seed, self.spe, device)
+        self.nsgd = run.optimizer.nsgd if run.optimizer.name == "nsgd" else None
+        self.refresh_every = (self.nsgd.refresh_every_steps or self.spe) if self.nsgd else 0
+        self.seed_steps = draws_randomness(self.model)
+        self.start, self.status = 0, "ok"
+        self._lr_set = math.nan  # the learning rate in opt.param_groups
+        self._wall_offset, self._t0 = 0.0, time.perf_counter()
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if not self._failed:
-                try:
-                    job()
-                except BaseException as err:  # handed to the training thread
-                    self._error = err
-                    self._failed = True
+    def wall(self) -> float:
+        """Seconds of training, summed over resumed sessions."""
+        return self._wall_offset + time.perf_counter() - self._t0
 
-    def _raise(self) -> None:
-        if self._failed and not self._raised:
-            self._raised = True
-            assert self._error is not None
-            raise self._error
+    # ------------------------------------------------------------------ start, loop, finish
+    def begin(self) -> None:
+        """Resume from the newest complete resume state, or start afresh with the dump at step 0."""
+        resumed = self._resume()
+        self._t0 = time.perf_counter()
+        if not resumed:
+            self.ckpts.start_afresh()
+            if 0 in self.ckpt_steps:
+                self.dump(0)
+        self.model.train()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._raise()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="sharpflow-checkpoints", daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
+    def _resume(self) -> bool:
+        state = self.ckpts.resume(self.steps)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model0"])
+        self.theta0 = _flat_params(self.model).clone()
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.state = dict(state["schedule"])
+        self.metrics = _Metrics(state["rows"])
+        self.start, self._wall_offset, self.status = int(state["step"]), float(state["wall_s"]), str(state["status"])
+        self.log(f"[{self.run_name}] resuming from step {self.start} of {self.last}")
+        return True
 
-    def close(self, *, raise_errors: bool = True) -> None:
-        """Wait for every submitted write; raise the first failure unless ``raise_errors`` is False."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
-        if raise_errors:
-            self._raise()
+    def loop(self, stop_after: int | None, bar: Any) -> bool:
+        """Train to the last step, divergence or an early stop; False if ``stop_after`` steps ended it."""
+        step = self.start
+        while step < self.last and self.status == "ok":
+            if stop_after is not None and step - self.start >= stop_after:
+                return False
+            self.update(step)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            self.after_update(step)
+        return True
 
+    def finish(self) -> None:
+        """The last buffered rows, then the scheduled checkpoints not dumped yet: after divergence
+        or an early stop they hold the final weights, marked, so downstream stages always find
+        their inputs. Returns once every checkpoint is on disk and published."""
+        if not self.metrics.flush() and self.status == "ok":
+            self.status = "diverged"
+        for s in self.steps:
+            if s > self.ckpts.last_dumped:
+                self.dump(s)
+        self.ckpts.close()
 
-def _serialise(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    # ------------------------------------------------------------------------------- one step
+    def update(self, step: int) -> None:
+        """One SGD (or NSGD) update on mini-batch ``step``; its row goes to the metrics buffer."""
+        idx = self.order.batch(step)
+        lr = self._set_lr(step)
+        refresh_s, refresh_mv = self._refresh(step)
+        xb, yb = self.view.x[idx], self.view.y[idx]
+        if self.seed_steps:
+            _seed_step(_mix(self.run.seed, step, 2), self.device)
+        if self.run.augment:
+            gen = torch.Generator(device=xb.device).manual_seed(_mix(self.run.seed, step, 4))
+            xb = augment(xb, gen)
+        out = self.model(xb)
+        loss = loss_fn(out, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.run.optimizer.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.run.optimizer.grad_clip)
+        self.opt.step()
+        self.metrics.add_batch(out, yb, loss, {
+            "run": self.run_name, "step": step, "epoch": step / self.spe, "split": "batch", "loss": math.nan,
+            "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
+            "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
+        })
 
+    def _set_lr(self, step: int) -> float:
+        lr = self.sched.lr_at(step / self.spe)
+        if lr != self._lr_set:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self._lr_set = lr
+        return lr
 
-def _publish(src: Path, dst: Path) -> None:
-    """Make the stashed checkpoint appear at its declared path, atomically."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    def _refresh(self, step: int) -> tuple[float, float]:
+        """NSGD's subspace refresh if one is due before ``step``: (seconds, matvecs), else NaNs."""
+        if not self.nsgd or step % self.refresh_every != 0:
+            return math.nan, math.nan
+        cost = _refresh_subspace(self.model, self.opt, self.run, self.data, _mix(self.run.seed, step, 3))
+        self.model.train()
+        return cost
+
+    def after_update(self, step: int) -> None:
+        """Once ``step`` updates are done: read the buffered rows back when due (a non-finite loss
+        ends the run as diverged), validate at an epoch's end if the schedule needs it (early
+        stopping), dump at a scheduled step."""
+        at_ckpt = step in self.ckpt_steps
+        validate = step % self.spe == 0 and self.sched.needs_validation
+        if (at_ckpt or self.metrics.due or validate) and not self.metrics.flush():
+            self.status = "diverged"
+            self.log(f"[{self.run_name}] non-finite loss before step {step}: the run diverged")
+        if self.status == "ok" and validate:
+            val_loss, val_acc = self._evaluate(self.data.valid.x, self.data.valid.y)
+            if self.sched.end_of_epoch(val_loss, val_acc):
+                self.status = "stopped"
+                self.log(f"[{self.run_name}] early stop at epoch {step // self.spe}: no val-accuracy gain "
+                         f"in {self.sched.cfg.early_stop} epochs")
+        if at_ckpt:
+            self.dump(step)
+
+    # ------------------------------------------------------------------------ evaluation, dumps
+    def _evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        cap = self.run.eval.max_examples
+        if cap is not None:
+            x, y = x[:cap], y[:cap]
+        return evaluate(self.model, x, y, self.run.eval.batch_size)
+
+    def _eval_rows(self, step: int) -> None:
+        """The "train", "valid" and "test" rows at ``step`` (NaN losses once diverged)."""
+        epoch = step / self.spe
+        theta = _flat_params(self.model)
+        extra = {"dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm())}
+        d = self.data
+        for split, x, y in (("train", self.view.x, self.view.y), ("valid", d.valid.x, d.valid.y),
+                            ("test", d.test.x, d.test.y)):
+            loss, acc = self._evaluate(x, y) if self.status != "diverged" else (math.nan, math.nan)
+            self.metrics.add({"run": self.run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
+                              "accuracy": acc, "lr": self.sched.lr_at(epoch), "wall_s": self.wall(), **extra,
+                              "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": self.status})
+
+    def dump(self, step: int) -> None:
+        """The evaluation rows at ``step``, then its checkpoint and resume state."""
+        self._eval_rows(step)
+        self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
+                        optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall())
 
 
 def train(
@@ -322,260 +463,31 @@ def train(
     ``stop_after`` (tests only) simulates a crash: return after that many steps without
     finishing, leaving the resume state behind.
     """
-    from .data import load_prepared
-    from .models import build_model, count_correct_each, draws_randomness, loss_fn
-
     out_dir = Path(out_dir)
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
-    steps = checkpoint_steps(run, dataset)
-    ck_set = set(steps)
-    last = total_steps(run, dataset)
-    spe = steps_per_epoch(run, dataset)
-    n_train = run.train_subset or len(data.train.x)
-    x_train, y_train = data.train.x[:n_train], data.train.y[:n_train]
-    bs = n_train if run.optimizer.batch_size == "full" else min(run.optimizer.batch_size, n_train)
-    if run.augment and data.kind != "image":
-        raise SharpflowError(f"augment: true needs an image dataset; {run.dataset} is {data.kind}")
-    eval_cap = run.eval.max_examples
-
-    def eval_split(x: Tensor, y: Tensor) -> tuple[float, float]:
-        if eval_cap is not None:
-            x, y = x[:eval_cap], y[:eval_cap]
-        return evaluate(model, x, y, run.eval.batch_size)
-
-    torch.manual_seed(_mix(run.seed, -1))
-    model = build_model(run.model, tuple(data.input_shape), data.num_classes).to(device)
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-    opt = build_optimizer(model, run)
-    sched = _Schedule(run)
-    stash = _Stash(out_dir, config_digest(run, dataset))
-    ckpt_dir = out_dir / "checkpoints"
-
-    rows: list[dict[str, Any]] = []
-    dumps: list[int] = []  # the steps dumped so far, each with its rows chunk in the stash
-    start, wall_offset, status = 0, 0.0, "ok"
-    state = stash.load()
-    if state is not None:
-        model.load_state_dict(state["model0"])
-        theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.state = dict(state["schedule"])
-        rows = state["rows"]
-        dumps = [int(s) for s in state["dumps"]]
-        start, wall_offset, status = int(state["step"]), float(state["wall_s"]), str(state["status"])
-        for s in steps:
-            if s <= start and stash.checkpoint(s).exists():
-                _publish(stash.checkpoint(s), ckpt_dir / ckpt_name(s))
-        log(f"[{run_name}] resuming from step {start} of {last}")
-
-    t_start = time.perf_counter()
-
-    def wall() -> float:
-        return wall_offset + time.perf_counter() - t_start
-
-    def eval_rows(step: int) -> None:
-        epoch = step / spe
-        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        extra = {
-            "dist_init": float((theta - theta0).norm()), "param_norm": float(theta.norm()),
-        }
-        for split, (x, y) in (("train", (x_train, y_train)), ("valid", (data.valid.x, data.valid.y)),
-                              ("test", (data.test.x, data.test.y))):
-            loss, acc = eval_split(x, y) if status != "diverged" else (math.nan, math.nan)
-            rows.append({"run": run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
-                         "accuracy": acc, "lr": sched.lr_at(epoch), "wall_s": wall(), **extra,
-                         "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": status})
-
-    last_dumped = start if state is not None else -1
-    writer = _Writer()
-    saved_rows = len(rows)
-
-    def dump(step: int) -> None:
-        """Checkpoint + resume state for ``step`` (weights after ``step`` updates).
-
-        Serialised here, written by ``writer``: the checkpoint (fsynced), the rows since the
-        previous dump, the resume state that names both, then the published link.
-        """
-        nonlocal last_dumped, saved_rows
-        last_dumped = step
-        eval_rows(step)
-        dumps.append(step)
-        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-                         "epoch": step / spe, "status": status, "run": run_name,
-                         "format": FORMAT_VERSION["train"]})
-        chunk = json.dumps(rows[saved_rows:]).encode()
-        saved_rows = len(rows)
-        st = _serialise({"digest": stash.digest, "step": step, "optimizer": opt.state_dict(),
-                         "schedule": dict(sched.state), "dumps": list(dumps), "wall_s": wall(), "status": status})
-        ck_path, rows_path, st_path = stash.checkpoint(step), stash.rows(step), stash.state()
-
-        def write() -> None:
-            write_bytes(ck_path, ck)
-            write_bytes(rows_path, chunk, durable=False)
-            write_bytes(st_path, st, durable=False)
-            _publish(ck_path, ckpt_dir / ckpt_name(step))
-
-        writer.submit(write)
-
-    if state is None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if 0 in ck_set:
-            dump(0)
-
-    model.train()
+    r = _Run(run, dataset, data, run_name=run_name, out_dir=out_dir, device=device, log=log)
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=last, initial=start, desc=run_name, unit="step", leave=False, mininterval=1.0)
-    nsgd = run.optimizer.nsgd if run.optimizer.name == "nsgd" else None
-    refresh_every = (nsgd.refresh_every_steps or spe) if nsgd else 0
-    perm: Tensor | None = None
-    perm_epoch = -1
-    seed_steps = draws_randomness(model)
-    # Per step: the loss stays on the device and the logits are kept (detached) while they are
-    # small; their argmax is taken for many steps at once and read back every 256 steps.
-    losses: list[Tensor] = []
-    held: list[tuple[Tensor, Tensor]] = []  # (logits, targets) of steps not yet counted
-    held_size = 0
-    correct: list[Tensor] = []  # counts of steps already counted, on the device
-    counted: list[int] = []  # targets of those steps (a last batch may be short; tokens for an LM)
-    pending: list[dict[str, Any]] = []
-
-    def count_held() -> None:
-        nonlocal held, held_size
-        if held:
-            correct.append(count_correct_each(held))
-            counted.extend(t.numel() for _, t in held)
-            held, held_size = [], 0
-
-    def flush_losses() -> bool:
-        """Record the pending mini-batch rows; False if a loss was not finite."""
-        nonlocal losses, correct, counted, pending
-        if not pending:
-            return True
-        count_held()
-        loss_v = torch.stack(losses).double().cpu().tolist()
-        acc_v = (torch.cat(correct).cpu().double() / torch.tensor(counted, dtype=torch.float64)).tolist()
-        ok = True
-        for r, lv, av in zip(pending, loss_v, acc_v, strict=True):
-            r["loss"], r["accuracy"] = lv, av
-            if not math.isfinite(lv):
-                ok = False
-                r["status"] = "diverged"
-        rows.extend(pending)
-        losses, correct, counted, pending = [], [], [], []
-        return ok
-
-    step = start
-    lr_set = math.nan  # the learning rate in opt.param_groups
-    augment, grad_clip = run.augment, run.optimizer.grad_clip
     try:
-        while step < last and status == "ok":
-            if stop_after is not None and step - start >= stop_after:
-                writer.close()
-                return pd.DataFrame(rows)
-            epoch_i, within = divmod(step, spe)
-            if epoch_i != perm_epoch:
-                g = torch.Generator(device="cpu").manual_seed(_mix(run.seed, epoch_i, 1))
-                perm = torch.randperm(n_train, generator=g).to(device)
-                perm_epoch = epoch_i
-            assert perm is not None
-            lr = sched.lr_at(step / spe)
-            if lr != lr_set:
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                lr_set = lr
-            refresh_s, refresh_mv = math.nan, math.nan
-            if nsgd and step % refresh_every == 0:
-                refresh_s, refresh_mv = _refresh_subspace(model, opt, run, data, _mix(run.seed, step, 3))
-                model.train()
-            idx = perm[within * bs : (within + 1) * bs]
-            xb, yb = x_train[idx], y_train[idx]
-            if seed_steps:
-                _seed_step(_mix(run.seed, step, 2), device)
-            if augment:
-                from .data import augment as augment_batch
+        r.begin()
+        if progress:
+            from tqdm.auto import tqdm
 
-                gen = torch.Generator(device=xb.device).manual_seed(_mix(run.seed, step, 4))
-                xb = augment_batch(xb, gen)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            held.append((out.detach(), yb))
-            held_size += out.numel()
-            if held_size > 1 << 22:  # 16 MB of float32 logits at most
-                count_held()
-            losses.append(loss.detach())
-            pending.append({"run": run_name, "step": step, "epoch": step / spe, "split": "batch",
-                            "loss": math.nan, "accuracy": math.nan, "lr": lr, "wall_s": wall(),
-                            "dist_init": math.nan, "param_norm": math.nan, "refresh_s": refresh_s,
-                            "refresh_matvecs": refresh_mv, "status": "ok"})
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            at_ckpt = step in ck_set
-            epoch_end = step % spe == 0
-            if (at_ckpt or len(pending) >= 256 or (epoch_end and sched.needs_validation)) and not flush_losses():
-                status = "diverged"
-                log(f"[{run_name}] non-finite loss before step {step}: the run diverged")
-            if status == "ok" and epoch_end and sched.needs_validation:
-                vl, va = eval_split(data.valid.x, data.valid.y)
-                if sched.end_of_epoch(vl, va):
-                    status = "stopped"
-                    log(f"[{run_name}] early stop at epoch {step // spe}: no val-accuracy gain "
-                        f"in {sched.cfg.early_stop} epochs")
-            if at_ckpt:
-                dump(step)
-        if not flush_losses() and status == "ok":
-            status = "diverged"
-        # After divergence or early stopping the remaining scheduled checkpoints hold the
-        # final weights, marked, so downstream stages always find their inputs.
-        for s in steps:
-            if s > last_dumped:
-                dump(s)
-        writer.close()  # every checkpoint is on disk and published before the metrics appear
+            bar = tqdm(total=r.last, initial=r.start, desc=run_name, unit="step", leave=False, mininterval=1.0)
+        if not r.loop(stop_after, bar):
+            r.ckpts.close()
+            return pd.DataFrame(r.metrics.rows)
+        r.finish()
     finally:
         # On an error or an interrupt, still finish the writes already submitted: the resume
         # state then holds every step trained before it (the error itself is what propagates).
-        writer.close(raise_errors=False)
+        r.ckpts.close(raise_errors=False)
         if bar is not None:
             bar.close()
-
-    df = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    df = df.sort_values(["step", "split"], kind="stable").reset_index(drop=True)
+    df = r.metrics.table()
     write_parquet(out_dir / "metrics.parquet", df)
-    stash.clear()
+    r.ckpts.clear()
     return df
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`train` (weights only; a clear error if unusable)."""
-    return load_torch(path, required=CKPT_KEYS, what="checkpoint")
-
-
-def restore_model(ckpt: dict[str, Any], run: RunConfig, data: Any, path: str | Path) -> nn.Module:
-    """Build the run's model and load the checkpoint's weights into it."""
-    from .models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(run.model, tuple(data.input_shape), data.num_classes)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SharpflowError(f"{path}: the checkpoint does not match model {run.model.name!r}: {first}") from None
-    return model
-
-
-def params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-__all__ = ["METRICS_COLUMNS", "evaluate", "load_checkpoint", "restore_model", "train"]
+__all__ = ["METRICS_COLUMNS", "evaluate", "train"]

@@ -74,7 +74,7 @@ def spectrum_table(run: str, lr: float, diverge_at: int | None = None, k: int = 
 
 
 def alignment_table(run: str, lr: float, diverge_at: int | None = None) -> pd.DataFrame:
-    """Columns of sharpflow.analysis.alignment plus run/step/epoch/status."""
+    """Columns of sharpflow.analyses.numerics.alignment plus run/step/epoch/status."""
     rng = np.random.default_rng(1)
     rows = []
     for step in CHECKPOINTS[::2]:
@@ -275,7 +275,8 @@ def test_nsgd_figure(tmp_path, ks):
 
 def test_divergence_is_marked_in_the_legend(study):
     """The diverged run's legend entry says so, and a × is drawn; the others say nothing."""
-    from sharpflow.figures import _common, grid, style
+    from sharpflow import results as _common
+    from sharpflow.figures import grid, style
 
     spec, paths = study
     data = _common.load(inputs_for("grid", paths), figures.KINDS["grid"], spec)
@@ -299,7 +300,8 @@ def test_divergence_is_marked_in_the_legend(study):
 
 def test_grid_colours_follow_eta(study):
     """Same η, same colour; the swept quantity (η) is detected from the spec."""
-    from sharpflow.figures import _common, style
+    from sharpflow import results as _common
+    from sharpflow.figures import style
 
     spec, paths = study
     data = _common.load(inputs_for("grid", paths), ("spectrum",), spec)
@@ -313,7 +315,8 @@ def test_grid_colours_follow_eta(study):
 
 def test_two_dimensional_sweep_gets_one_colour_per_run(tmp_path):
     """When η and S both vary, colouring by η would give two runs one colour: use one per run."""
-    from sharpflow.figures import _common, style
+    from sharpflow import results as _common
+    from sharpflow.figures import style
 
     runs = {"g-a": run_meta("g", 0.1, 32), "g-b": run_meta("g", 0.1, 128), "g-c": run_meta("g", 0.05, 32)}
     paths = []
@@ -386,24 +389,25 @@ def test_failed_draw_leaves_previous_output_and_no_temp_files(study, tmp_path):
 
 
 def test_kind_resolution():
-    assert figures.resolve_kind("grid", {}) == "grid"
-    assert figures.resolve_kind("fig4_eta", {"kind": "grid"}) == "grid"
+    assert figures.REGISTRY.resolve("grid", {}) == "grid"
+    assert figures.REGISTRY.resolve("fig4_eta", {"kind": "grid"}) == "grid"
     with pytest.raises(SharpflowError, match="unknown figure kind"):
-        figures.resolve_kind("nope", {})
+        figures.REGISTRY.resolve("nope", {})
     with pytest.raises(SharpflowError, match="spec says kind"):
-        figures.resolve_kind("grid", {"kind": "evolution"})
+        figures.REGISTRY.resolve("grid", {"kind": "evolution"})
 
 
 def test_kinds_modules_and_captions_are_consistent():
     root = Path(__file__).resolve().parents[1]
-    assert set(figures.KINDS) == set(figures.MODULES) == set(figures.CAPTIONS)
-    for kind, module in figures.MODULES.items():
-        assert (figures.DIRECTORY / module).is_file(), module
-        assert (root / figures.CAPTIONS[kind]).is_file(), figures.CAPTIONS[kind]
+    reg = figures.REGISTRY
+    assert set(figures.KINDS) == set(reg.modules) == set(reg.captions)
+    for kind, module in reg.modules.items():
+        assert (reg.directory / module).is_file(), module
+        assert (root / reg.captions[kind]).is_file(), reg.captions[kind]
         assert set(figures.KINDS[kind]) <= {"metrics", "spectrum", "alignment", "cross_sections", "widths",
                                              "decomposed", "escape"}
-    for module in figures.SHARED_MODULES:
-        assert (figures.DIRECTORY / module).is_file(), module
+        for path in reg.code_files(kind):
+            assert path.is_file(), path
 
 
 def test_package_import_is_light():
@@ -418,7 +422,8 @@ def test_package_import_is_light():
 def test_unconverged_eigenvalues_are_ringed(tmp_path, kind):
     """A pair the solver did not certify is drawn with a hollow ring and named in the legend;
     converged pairs are not ringed."""
-    from sharpflow.figures import _common, evolution, grid, style
+    from sharpflow import results as _common
+    from sharpflow.figures import evolution, grid, style
 
     spec, paths = write_study(tmp_path / "in", with_divergence=False)
     target = paths["spectrum"][1]  # eta-lr0.05
@@ -439,7 +444,8 @@ def test_unconverged_eigenvalues_are_ringed(tmp_path, kind):
 
 
 def test_converged_eigenvalues_are_not_ringed(study):
-    from sharpflow.figures import _common, grid, style
+    from sharpflow import results as _common
+    from sharpflow.figures import grid, style
 
     spec, paths = study
     data = _common.load(inputs_for("grid", paths), figures.KINDS["grid"], spec)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import sharpflow.hessian as hessian_module
+import sharpflow.hessian.operators as operators_module
+import sharpflow.hessian.tracing as tracing_module
 from sharpflow.hessian import DenseOperator, HessianOperator, frobenius_norm, top_eigenpairs, trace
 from sharpflow.params import flat_params, unflatten
 
@@ -108,7 +109,7 @@ def test_hvp_equals_dense_hessian(method: str, cache: bool, make) -> None:
 
 @pytest.mark.parametrize("threshold", [0.0, math.inf])
 def test_auto_method_switches_only_when_products_are_slow(monkeypatch, threshold: float) -> None:
-    monkeypatch.setattr(hessian_module, "_LINEARIZE_ABOVE_S", threshold)
+    monkeypatch.setattr(operators_module, "_TRACE_ABOVE_S", threshold)
     model, batches = tiny_mlp(), data([5, 7])
     h = dense_hessian(model, batches)
     op = HessianOperator(model, F.cross_entropy, batches)
@@ -140,12 +141,12 @@ def test_untraceable_model_falls_back_to_double_backward() -> None:
 
 
 def test_one_trace_serves_every_chunk_of_a_shape() -> None:
-    """Linearized forward-over-reverse is traced once per chunk shape, not once per chunk; the
+    """Forward-over-reverse is traced once per chunk shape, not once per chunk; the
     products of every chunk (and of the odd-sized last one) are still exactly the dense Hessian's."""
     model, batches = tiny_cnn(), data([4, 4, 4, 3], shape=(2, 6, 6))
     h = dense_hessian(model, batches)
     traced = []
-    real = hessian_module._trace_hvp
+    real = tracing_module._trace_hvp
 
     def counting(*args, **kw):
         traced.append(tuple(args[3].shape))
@@ -154,7 +155,7 @@ def test_one_trace_serves_every_chunk_of_a_shape() -> None:
     op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
     v = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hessian_module, "_trace_hvp", counting)
+        mp.setattr(tracing_module, "_trace_hvp", counting)
         hv = op.matvec(v)
     assert traced == [(4, 2, 6, 6), (3, 2, 6, 6)]
     torch.testing.assert_close(hv, h @ v, rtol=1e-10, atol=1e-12)
@@ -167,11 +168,11 @@ def test_in_place_model_is_traced_per_chunk_and_exact() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
     batches = data([6, 6])
-    with pytest.raises(hessian_module._NotSplittable, match="in-place"):
+    with pytest.raises(tracing_module._NotSplittable, match="in-place"):
         like = {n: p.detach() for n, p in model.named_parameters()}
         from sharpflow.params import loss_of_params
 
-        hessian_module._trace_hvp(loss_of_params(model, F.cross_entropy), list(like), list(like.values()), *batches[0])
+        tracing_module._trace_hvp(loss_of_params(model, F.cross_entropy), list(like), list(like.values()), *batches[0])
     h = dense_hessian(model, batches)
     op = HessianOperator(model, F.cross_entropy, batches, method="fwd_rev", cache_graph=True)
     v = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)

@@ -128,3 +128,26 @@ def test_reader_racing_a_writer_never_sees_partial_file(tmp_path):
     t.join()
     assert not errors
     assert seen
+
+
+def test_write_npz_is_byte_reproducible(tmp_path, monkeypatch):
+    """Prepared data relies on it: the same arrays give the same bytes whenever they are written."""
+    import time
+    import zipfile
+
+    arrays = {"x": np.arange(6.0, dtype=np.float32).reshape(2, 3), "y": np.arange(2), "s": np.asarray(1.5)}
+    write_npz(tmp_path / "a.npz", **arrays)
+    monkeypatch.setattr(time, "time", lambda: 2.0e9)  # written on another day
+    write_npz(tmp_path / "b.npz", **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    (tmp_path / "plain").write_bytes(b"")
+    write_npz(tmp_path / "a.npz", a=np.arange(3))
+    write_parquet(tmp_path / "t.parquet", pd.DataFrame({"a": [1]}))
+    mode = (tmp_path / "plain").stat().st_mode
+    assert (tmp_path / "a.npz").stat().st_mode == mode
+    assert (tmp_path / "t.parquet").stat().st_mode == mode

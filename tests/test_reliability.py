@@ -20,9 +20,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sharpflow.analyses.stage import analysis_stage, spectrum_stage
 from sharpflow.cli import main
 from sharpflow.config import ConfigError, ProjectConfig, SpectrumConfig, dump_json, parse_config
-from sharpflow.stages import project_stage, spectrum_stage
 from sharpflow.train import train
 
 from .conftest import tiny_run
@@ -158,8 +158,8 @@ def test_diverged_run_flows_through_spectrum_and_project(tiny_data, tiny_dataset
     df = spectrum_stage(SPEC, run, run_name="d", data_dir=tiny_data, checkpoint=ck, previous=None,
                         out_table=tmp_path / "s.parquet", out_eigvecs=tmp_path / "e.pt", log=_quiet)
     assert (df.status == "diverged").all() and df.eigenvalue.isna().all() and len(df) == 3
-    tables = project_stage(PROJ, run, run_name="d", data_dir=tiny_data, checkpoint=ck, eigvecs=tmp_path / "e.pt",
-                           out_dir=tmp_path / "p", log=_quiet)
+    tables = analysis_stage("project", PROJ, run, run_name="d", data_dir=tiny_data, checkpoint=ck,
+                            eigvecs=tmp_path / "e.pt", out_dir=tmp_path / "p", log=_quiet)
     for kind, t in tables.items():
         assert len(t), kind
         assert (t.status == "diverged").all(), kind

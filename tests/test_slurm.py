@@ -1,8 +1,8 @@
 """SLURM: the workflow profiles, and a tiny study run end to end through a real SLURM.
 
 The dry-run tests check what the profiles promise without a cluster: the SLURM profile reads the
-partition and account from sbatch's own environment variables and puts a run's spectrum and
-project jobs into one group submission.
+partition and account from sbatch's own environment variables and submits a run's warm-start chain
+(its spectra and project analyses) as one analysis job.
 
 The ``slurm`` test starts a throwaway single-node SLURM (tests/slurm_harness.py: apt-get install as
 root if needed, slurmctld + slurmd + munged, stopped again at the end), runs a tiny study through
@@ -39,7 +39,8 @@ RUNTIME = 5  # minutes asked for per job
 
 
 def tiny_config(gpu: int = 0, threads: int = 1) -> dict:
-    """One run, two checkpoints, every heavy stage, no figures: prepare, train, 2 spectrum, 2 project."""
+    """One run, two checkpoints, every heavy stage, no figures: prepare, train, one analysis job (a chain of
+    two checkpoints: 2 spectra, 2 project analyses)."""
     stage = {"gpu": gpu, "threads": threads, "mem_mb": 500, "runtime": RUNTIME}
     return {
         "results": "results",  # relative to --directory
@@ -86,13 +87,13 @@ def dry_run(tmp_path: Path, env: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------------- dry runs
 @pytest.mark.slow
-def test_slurm_profile_groups_spectrum_and_project_of_a_run(tmp_path):
+def test_slurm_profile_submits_a_chain_as_one_analysis_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
     out = dry_run(tmp_path, env)
-    assert out.count("Group job analysis") == 1
-    group = out.split("Group job analysis", 1)[1]
-    assert group.count("rule spectrum:") == len(CHECKPOINTS)
-    assert group.count("rule project:") == len(CHECKPOINTS)
+    assert out.count("rule analyse_tiny_c0:") == 1 and "Group job" not in out
+    job = out.split("rule analyse_tiny_c0:", 1)[1].split("\n\n", 1)[0]
+    for step in CHECKPOINTS:
+        assert f"spectrum/step{step:08d}.parquet" in job and f"project/alignment/step{step:08d}.parquet" in job
     # Nothing site-specific leaks in when the environment does not ask for it.
     assert "slurm_partition=" not in out and "slurm_account=" not in out
 
@@ -176,21 +177,21 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     out = slurm_log.read_text()
     assert rc == 0, f"{out[-6000:]}\n{slurm_cluster.log_tail()}"
 
-    # SLURM's own record: exactly train and one group submission, all completed; prepare (which may
+    # SLURM's own record: exactly train and one analysis submission, all completed; prepare (which may
     # download) and the aggregate rules are local rules and never reached the cluster.
     run_id = re.search(r"SLURM run ID: (\S+)", out)
     assert run_id, out[-3000:]
     jobs = [j for j in slurm_cluster.jobs() if j["name"] == run_id.group(1)]
     comments = sorted(j["comment"] for j in jobs)
     assert len(jobs) == 2, jobs
-    assert comments[0].startswith("rule_analysis") and "project" in comments[0] and "spectrum" in comments[0]
+    assert comments[0] == "rule_analyse_tiny_c0", comments
     assert comments[1] == "rule_train_tiny", comments
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     for job in jobs:  # gpu: 0 in the config means no GPU request at all
         shown = slurm_cluster.client(["scontrol", "show", "job", job["id"]]).stdout
         assert f"Partition={slurm_cluster.partition}" in shown and "gpu" not in shown.lower(), shown
     logs = slurm_dir / ".snakemake" / "slurm_logs"
-    assert {p.name.split("_")[0] for p in logs.iterdir()} == {"group", "rule"}
+    assert {p.name.split("_")[0] for p in logs.iterdir()} == {"rule"}
     assert len(list(logs.rglob("*.log"))) == 2
 
     # The same numbers as the local run: every aggregated table (timings aside) and the eigenvectors.
@@ -209,19 +210,19 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
         assert torch.equal(got["eigenvectors"], want["eigenvectors"])
     print(f"SLURM test: {len(jobs)} sbatch submissions; local run {local_wall:.0f} s, SLURM run {wall:.0f} s")
 
-    # What a GPU cluster gets: the analysis group of the same study with gpu: 1 and 2 threads asks for
-    # one GPU, its members one after the other (runtimes add up, threads and memory do not), GPUs
-    # through --gpus. This cluster has no GPU, so sbatch refuses at once; its logged call is checked.
+    # What a GPU cluster gets: the analysis job of the same study with gpu: 1 and 2 threads asks for
+    # one GPU and the runtimes of its checkpoints' spectra and analyses added up (threads and memory
+    # not), GPUs through --gpus. This cluster has no GPU, so sbatch refuses at once; its logged call is checked.
     gpu_cfg = write_config(tmp_path, "gpu.yaml", gpu=1, threads=2)
     gpu_cmd = snakemake_cmd(slurm_dir, gpu_cfg, "--workflow-profile", str(SLURM_PROFILE), "--verbose",
-                            "--forcerun", "spectrum", "project", "--until", "spectrum", "project",
+                            "--forcerun", "analyse_tiny_c0", "--until", "analyse_tiny_c0",
                             "--retries", "0", "--slurm-init-seconds-before-status-checks", "2")
     proc = subprocess.run(gpu_cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     calls = [line for line in out.splitlines() if line.startswith("sbatch call:")]
     assert proc.returncode != 0 and len(calls) == 1, out[-6000:]
     flags = calls[0].split(" --wrap=", 1)[0].split()
-    assert "group_analysis" in calls[0] and "--gpus=1" in flags and "--cpus-per-task=2" in flags, flags
-    n_jobs = 2 * len(CHECKPOINTS)
-    assert flags[flags.index("-t") + 1] == str(n_jobs * RUNTIME) and flags[flags.index("--mem") + 1] == "500"
+    assert "analyse_tiny_c0" in calls[0] and "--gpus=1" in flags and "--cpus-per-task=2" in flags, flags
+    n_sections = 2 * len(CHECKPOINTS)  # a spectrum and a project analysis per checkpoint
+    assert flags[flags.index("-t") + 1] == str(n_sections * RUNTIME) and flags[flags.index("--mem") + 1] == "500"
     assert len(slurm_cluster.jobs()) == len(jobs)  # refused by sbatch: nothing queued

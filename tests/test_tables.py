@@ -148,7 +148,7 @@ def test_nsgd_row_order_and_names(tmp_path, nsgd_case):
 
 
 def test_best_validation_checkpoint_selection(nsgd_case):
-    from sharpflow.figures._common import load
+    from sharpflow.results import load
     from sharpflow.tables.nsgd import run_summary
 
     spec, inputs = nsgd_case
@@ -301,8 +301,9 @@ def test_unknown_kind_and_wrong_inputs(tmp_path, nsgd_case):
 
 def test_kinds_modules_and_captions_are_consistent():
     root = Path(__file__).resolve().parents[1]
-    assert set(tables.KINDS) == set(tables.MODULES) == set(tables.CAPTIONS)
+    reg = tables.REGISTRY
+    assert set(tables.KINDS) == set(reg.modules) == set(reg.captions)
     for kind in tables.KINDS:
-        for path in tables.code_files(kind):
+        for path in reg.code_files(kind):
             assert path.is_file(), path
-        assert (root / tables.CAPTIONS[kind]).is_file(), tables.CAPTIONS[kind]
+        assert (root / reg.captions[kind]).is_file(), reg.captions[kind]

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from sharpflow.checkpoints import load_checkpoint
 from sharpflow.config import checkpoint_steps
-from sharpflow.train import METRICS_COLUMNS, load_checkpoint, train
+from sharpflow.train import METRICS_COLUMNS, train
 
 from .conftest import tiny_run
 
@@ -212,7 +213,7 @@ def test_dropout_run_resumes_bitwise_and_dropout_is_active(tiny_data, tiny_datas
 def test_a_failed_checkpoint_write_surfaces_and_the_rerun_resumes(tiny_data, tiny_dataset, tmp_path, monkeypatch):
     """Writes happen on a background thread; a failure there (disk full) must reach the caller as
     the error it was, and the rerun must resume from the last complete dump."""
-    import sharpflow.train as T
+    import sharpflow.checkpoints as T
     from sharpflow.io import SharpflowError
 
     run = tiny_run(optimizer__momentum=0.9)
@@ -254,7 +255,7 @@ def test_writer_skips_every_job_after_a_failure_even_once_it_was_raised():
     the next submit, and not when the writer is drained on the way out."""
     import threading
 
-    from sharpflow.train import _Writer
+    from sharpflow.checkpoints import _Writer
 
     gate, seen, ran = threading.Event(), threading.Event(), []
 

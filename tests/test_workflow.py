@@ -88,6 +88,10 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 600) -> 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
 
 
+def analyse_jobs(jobs: dict[str, int]) -> dict[str, int]:
+    return {rule: n for rule, n in jobs.items() if rule.startswith("analyse_")}
+
+
 def planned(workdir: Path, config: dict) -> dict[str, int]:
     """Rule -> number of jobs a dry run would execute."""
     proc = snakemake(workdir, config, "-n", "--quiet", "rules")
@@ -159,9 +163,37 @@ def test_changing_lanczos_k_reruns_analysis_not_training(finished):
     cfg["spectrum"]["k"] = 4
     jobs = planned(work, cfg)
     assert not any(rule.startswith("train_") or rule == "prepare" for rule in jobs)
-    assert jobs["spectrum"] == 9  # 3 runs x 3 checkpoints
-    assert jobs["project"] == 6  # the eta runs only
+    # one analysis job per run: its warm-start chain of 3 checkpoints (spectra, then project/escape)
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05_c0": 1, "analyse_eta__lr0p1_c0": 1, "analyse_other_c0": 1}
+    assert jobs["aggregate_spectrum"] == 3 and jobs["aggregate_alignment"] == 2  # the eta runs only
     assert {"figure_eta_grid", "figure_other_grid", "figure_alignment", "table_peak"} <= set(jobs)
+
+
+def test_changing_project_reruns_its_chains_and_reuses_their_spectra(finished, tmp_path):
+    """A project change reruns the analysis jobs of the runs it concerns; those jobs take the spectra
+    from the run's analysis stash (same bytes) and recompute only the project tables."""
+    work, cfg = finished
+    cfg = copy.deepcopy(cfg)
+    cfg["project"]["grad_batches"] = 3
+    jobs = planned(work, cfg)
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05_c0": 1, "analyse_eta__lr0p1_c0": 1}
+    assert "aggregate_spectrum" not in jobs and "figure_eta_grid" not in jobs and "figure_alignment" in jobs
+    # Run it on the finished tree, then restore that tree's config for the tests after this one.
+    res = Path(cfg["results"])
+    spectra = sorted((res / "runs" / "eta-lr0.1" / "spectrum").glob("*.parquet"))
+    before = {p.name: p.read_bytes() for p in spectra}
+    old_sections = pd.read_parquet(res / "runs" / "eta-lr0.1" / "cross_sections.parquet")
+    try:
+        proc = snakemake(work, cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = (res / "logs" / "analyse" / "eta-lr0.1" / "chain000.log").read_text()
+        assert log.count("spectrum reused from the stash") == 3 and "escape reused from the stash" in log
+        assert "project reused" not in log
+        assert {p.name: p.read_bytes() for p in spectra} == before
+        new_sections = pd.read_parquet(res / "runs" / "eta-lr0.1" / "cross_sections.parquet")
+        assert len(new_sections) == len(old_sections) and not new_sections.equals(old_sections)
+    finally:
+        assert snakemake(work, finished[1]).returncode == 0
 
 
 def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
@@ -170,7 +202,8 @@ def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
     cfg["studies"]["eta"]["sweep"]["optimizer.lr"].append(0.02)
     jobs = planned(work, cfg)
     assert [r for r in jobs if r.startswith("train_")] == ["train_eta__lr0p02"]
-    assert jobs["spectrum"] == 3 and jobs["project"] == 3
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p02_c0": 1}
+    assert jobs["aggregate_spectrum"] == 1 and jobs["aggregate_alignment"] == 1
     assert "figure_other_grid" not in jobs
     assert {"figure_eta_grid", "figure_alignment", "table_peak"} <= set(jobs)
 

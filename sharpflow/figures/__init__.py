@@ -28,9 +28,10 @@ diverged runs are drawn up to their divergence and marked with a × and "(diverg
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
+
+from ..kinds import Kinds
 
 #: figure kind -> the table kinds (file stems) it reads.
 KINDS: dict[str, tuple[str, ...]] = {
@@ -44,38 +45,16 @@ KINDS: dict[str, tuple[str, ...]] = {
     "nsgd": ("metrics", "spectrum"),
 }
 
-#: figure kind -> its plotting module's file name (in this directory), a Snakemake input so that
-#: editing one module reruns only the figures of that kind.
-MODULES: dict[str, str] = {kind: f"{kind}.py" for kind in KINDS}
-
-#: modules every figure uses (loading, style); editing them changes every figure.
-SHARED_MODULES: tuple[str, ...] = ("_common.py", "style.py")
-
-#: figure kind -> its report caption, relative to the repository root.
-CAPTIONS: dict[str, str] = {kind: f"workflow/report/{kind}.rst" for kind in KINDS}
-
-#: the directory that holds the modules named in MODULES and SHARED_MODULES.
-DIRECTORY = Path(__file__).resolve().parent
-
-
-def code_files(kind: str) -> list[Path]:
-    """The source files whose edits should redraw figures of ``kind`` (for Snakemake inputs)."""
-    return [DIRECTORY / MODULES[kind], *(DIRECTORY / m for m in SHARED_MODULES)]
-
-
-def resolve_kind(kind: str, spec: dict[str, Any]) -> str:
-    """The figure kind to draw: ``kind`` if it is one, else ``spec["kind"]`` (a figure's name is
-    allowed as ``kind`` when the spec names the kind). Raises SharpflowError otherwise."""
-    from ..io import SharpflowError
-
-    declared = spec.get("kind")
-    if kind in KINDS:
-        if declared not in (None, kind):
-            raise SharpflowError(f"figure {kind!r}: the spec says kind {declared!r}")
-        return kind
-    if declared in KINDS:
-        return str(declared)
-    raise SharpflowError(f"unknown figure kind {declared or kind!r}; known: {', '.join(KINDS)}")
+#: The registry: what each kind reads, its module (a Snakemake input, so that editing one module
+#: reruns only the figures of that kind), the modules every figure uses, its report caption.
+REGISTRY = Kinds(
+    package=__name__,
+    what="figure",
+    reads=KINDS,
+    modules={kind: f"{kind}.py" for kind in KINDS},
+    shared=("../results.py", "style.py"),
+    captions={kind: f"workflow/report/{kind}.rst" for kind in KINDS},
+)
 
 
 def draw(kind: str, spec: dict[str, Any], inputs: list[Path], out_pdf: Path, out_png: Path) -> None:
@@ -90,12 +69,13 @@ def draw(kind: str, spec: dict[str, Any], inputs: list[Path], out_pdf: Path, out
         inputs: Parquet files ``…/runs/{run}/{table}.parquet`` (tables from ``KINDS[kind]``).
         out_pdf, out_png: where the figure goes; both are replaced atomically.
     """
-    from . import _common, style
+    from .. import results
+    from . import style
 
-    kind = resolve_kind(kind, spec)
-    module = importlib.import_module(f"{__name__}.{MODULES[kind].removesuffix('.py')}")
+    kind = REGISTRY.resolve(kind, spec)
+    module = REGISTRY.module(kind)
     opts = dict(spec.get("style") or {})
-    data = _common.load(inputs, KINDS[kind], spec)
+    data = results.load(inputs, KINDS[kind], spec)
     with style.context():
         fig = module.plot(data, opts) if not data.empty else style.no_data(kind, "no data: empty inputs")
         style.save(fig, Path(out_pdf), Path(out_png), dpi=float(opts.get("dpi", style.DPI)))

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import style
-from ._common import Data, last_finite, varying
+from ..results import Data, last_finite, varying
 
 DIM_COLUMNS = ("dim", "n_params", "num_params", "D")
 

@@ -23,8 +23,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
+from ..results import Data, style_list, varying
 from . import style
-from ._common import Data, style_list, varying
 
 
 def direction_order(names: list[str]) -> list[str]:

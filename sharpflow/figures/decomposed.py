@@ -21,8 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from ..results import Data, last_finite, style_list, varying
 from . import style
-from ._common import Data, last_finite, style_list, varying
 
 
 def summarise(dc: pd.DataFrame) -> pd.DataFrame:

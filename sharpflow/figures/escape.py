@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..results import Data, varying
 from . import style
-from ._common import Data, varying
 
 MODE_COLOURS = {"none": "k", "remove": "tab:blue", "freeze": "tab:cyan", "isolate": "tab:red",
                 "rescale": "tab:green"}

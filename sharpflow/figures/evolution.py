@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..results import Data, last_finite, steps_per_epoch, varying
 from . import style
-from ._common import Data, last_finite, steps_per_epoch, varying
 
 
 def plot(data: Data, opts: dict[str, Any]) -> Figure:

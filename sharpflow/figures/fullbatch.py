@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..results import Data, last_finite, varying
 from . import style
-from ._common import Data, last_finite, varying
 
 
 def plot(data: Data, opts: dict[str, Any]) -> Figure:

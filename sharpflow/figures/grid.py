@@ -20,8 +20,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..results import Data, last_finite, varying
 from . import style
-from ._common import Data, last_finite, varying
 
 
 def plot(data: Data, opts: dict[str, Any]) -> Figure:

@@ -21,8 +21,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..results import Data, Group, group_label, group_order, group_runs, label_keys, last_finite
 from . import style
-from ._common import Data, Group, group_label, group_order, group_runs, label_keys, last_finite
 
 
 def series(data: Data, runs: list[str], getter: Callable[[str], pd.Series]) -> pd.DataFrame:

@@ -19,9 +19,10 @@ Inputs are ``…/runs/{run}/{table}.parquet`` (run = directory name, table = fil
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
+
+from ..kinds import Kinds
 
 #: table kind -> the table kinds (file stems) it reads.
 KINDS: dict[str, tuple[str, ...]] = {
@@ -30,36 +31,16 @@ KINDS: dict[str, tuple[str, ...]] = {
     "peak": ("spectrum",),
 }
 
-#: table kind -> its module's file name in this directory (a Snakemake input of the table rule).
-MODULES: dict[str, str] = {"nsgd": "nsgd.py", "nsgd_k": "nsgd.py", "peak": "peak.py"}
-
-#: modules every table uses (writers here, the input loader in sharpflow/figures).
-SHARED_MODULES: tuple[str, ...] = ("_common.py", "../figures/_common.py")
-
-#: table kind -> its report caption, relative to the repository root ("table_" prefix: the figure
-#: kind ``nsgd`` has its own caption ``nsgd.rst``).
-CAPTIONS: dict[str, str] = {kind: f"workflow/report/table_{kind}.rst" for kind in KINDS}
-
-DIRECTORY = Path(__file__).resolve().parent
-
-
-def code_files(kind: str) -> list[Path]:
-    """The source files whose edits should remake tables of ``kind`` (for Snakemake inputs)."""
-    return [DIRECTORY / MODULES[kind], *((DIRECTORY / m).resolve() for m in SHARED_MODULES)]
-
-
-def resolve_kind(kind: str, spec: dict[str, Any]) -> str:
-    """``kind`` if it is a table kind, else ``spec["kind"]``; SharpflowError otherwise."""
-    from ..io import SharpflowError
-
-    declared = spec.get("kind")
-    if kind in KINDS:
-        if declared not in (None, kind):
-            raise SharpflowError(f"table {kind!r}: the spec says kind {declared!r}")
-        return kind
-    if declared in KINDS:
-        return str(declared)
-    raise SharpflowError(f"unknown table kind {declared or kind!r}; known: {', '.join(KINDS)}")
+#: The registry (see :class:`sharpflow.kinds.Kinds`). Captions have a "table_" prefix: the figure
+#: kind ``nsgd`` has its own caption ``nsgd.rst``.
+REGISTRY = Kinds(
+    package=__name__,
+    what="table",
+    reads=KINDS,
+    modules={"nsgd": "nsgd.py", "nsgd_k": "nsgd.py", "peak": "peak.py"},
+    shared=("_common.py", "../results.py"),
+    captions={kind: f"workflow/report/table_{kind}.rst" for kind in KINDS},
+)
 
 
 def make_table(kind: str, spec: dict[str, Any], inputs: list[Path], out_md: Path, out_tex: Path,
@@ -73,11 +54,10 @@ def make_table(kind: str, spec: dict[str, Any], inputs: list[Path], out_md: Path
             documented in its module.
         inputs: ``…/runs/{run}/{table}.parquet`` files of the tables in ``KINDS[kind]``.
     """
-    from ..figures._common import load
+    from ..results import load
     from ._common import write
 
-    kind = resolve_kind(kind, spec)
-    module = importlib.import_module(f"{__name__}.{MODULES[kind].removesuffix('.py')}")
+    kind = REGISTRY.resolve(kind, spec)
     data = load(inputs, KINDS[kind], spec)
-    table = module.build(kind, data, dict(spec.get("style") or {}))
+    table = REGISTRY.module(kind).build(kind, data, dict(spec.get("style") or {}))
     write(table, Path(out_md), Path(out_tex), Path(out_csv))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..figures._common import Data, group_label, group_order, group_runs, label_keys
+from ..results import Data, group_label, group_order, group_runs, label_keys
 from ._common import Column, Table, mean_std
 
 ACC_FMT = "{:.1f}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..figures._common import Data, sort_value, varying
+from ..results import Data, sort_value, varying
 from ._common import Column, Table
 
 

@@ -1,67 +1,44 @@
-# spectrum and project: one job per (run, checkpoint); aggregate: one Parquet per run and kind.
+# analyse: one job per warm-start chain of a run (spectrum.warm_chain consecutive checkpoints): the
+# spectrum of each checkpoint in order, warm-started from the one before, then every registered
+# analysis (sharpflow/analyses) selected at that checkpoint, in the same process. Every checkpoint
+# keeps its own output files; a killed or rerun job reuses what it already computed (the run's
+# analysis stash). aggregate: one Parquet per run and table kind.
+
+for _run in ANALYSED:
+    for _i, _chain in enumerate(CHAINS[_run]):
+
+        rule:
+            name:
+                rule_name("analyse", _run) + f"_c{_i}"
+            input:
+                checkpoints=[ckpt_path(_run, s) for s in _chain],
+                data=data_files(RUNS[_run].dataset),
+            output:
+                chain_outputs(_run, _chain),
+            params:
+                spectrum=SPEC_JSON[_run],
+                analyses=chain_plan_json(_run, _chain),
+                run=RUN_JSON[_run],
+                name=_run,
+                data=lambda w, input: parent(input.data[0]),
+                results=R,
+                version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
+            conda:
+                ENV
+            log:
+                f"{R}/logs/analyse/{_run}/chain{_i:03d}.log",
+            benchmark:
+                f"{R}/benchmarks/analyse/{_run}/chain{_i:03d}.tsv"
+            threads: chain_resources(_run, _chain)["threads"]
+            resources:
+                **{k: v for k, v in chain_resources(_run, _chain).items() if k != "threads"},
+            shell:
+                "sharpflow analyse --no-progress --threads {threads} --spectrum {params.spectrum:q} "
+                "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "
+                "--data {params.data:q} --results {params.results:q} {input.checkpoints:q} 2> {log:q}"
 
 
-rule spectrum:
-    input:
-        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
-        data=run_data,
-        previous=previous_eigvecs,
-    output:
-        table=f"{R}/runs/{{run}}/spectrum/step{{step}}.parquet",
-        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
-    params:
-        spectrum=lambda w: SPEC_JSON[w.run],
-        run=run_json,
-        data=lambda w, input: parent(input.data[0]),
-        previous=lambda w, input: f"--previous {input.previous[0]}" if input.previous else "",
-        version=FORMAT_VERSION["spectrum"],
-    conda:
-        ENV
-    log:
-        f"{R}/logs/spectrum/{{run}}/step{{step}}.log",
-    threads: RES.spectrum.threads
-    resources:
-        gpu=RES.spectrum.gpu,
-        gpu_model=RES.spectrum.gpu_model,
-        mem_mb=RES.spectrum.mem_mb,
-        runtime=RES.spectrum.runtime,
-    shell:
-        "sharpflow spectrum --no-progress --threads {threads} --spectrum {params.spectrum:q} "
-        "--run {params.run:q} --run-name {wildcards.run} --data {params.data:q} "
-        "--checkpoint {input.checkpoint:q} {params.previous} --out-table {output.table:q} "
-        "--out-eigvecs {output.eigvecs:q} 2> {log:q}"
-
-
-rule project:
-    input:
-        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
-        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
-        data=run_data,
-    output:
-        [f"{R}/runs/{{run}}/project/{kind}/step{{step}}.parquet" for kind in PROJECT_KINDS],
-    params:
-        project=lambda w: PROJ_JSON[w.run],
-        run=run_json,
-        data=lambda w, input: parent(input.data[0]),
-        out=lambda w, output: parent(output[0], 2),
-        version=FORMAT_VERSION["project"],
-    conda:
-        ENV
-    log:
-        f"{R}/logs/project/{{run}}/step{{step}}.log",
-    threads: RES.project.threads
-    resources:
-        gpu=RES.project.gpu,
-        gpu_model=RES.project.gpu_model,
-        mem_mb=RES.project.mem_mb,
-        runtime=RES.project.runtime,
-    shell:
-        "sharpflow project --threads {threads} --project {params.project:q} --run {params.run:q} "
-        "--run-name {wildcards.run} --data {params.data:q} --checkpoint {input.checkpoint:q} "
-        "--eigvecs {input.eigvecs:q} --out-dir {params.out:q} 2> {log:q}"
-
-
-for _kind in ["spectrum", *PROJECT_KINDS]:
+for _kind in TABLE_KINDS:
 
     rule:
         name:
@@ -77,45 +54,3 @@ for _kind in ["spectrum", *PROJECT_KINDS]:
         localrule: True
         shell:
             "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"
-
-
-rule escape:
-    input:
-        checkpoint=f"{R}/runs/{{run}}/checkpoints/step{{step}}.pt",
-        eigvecs=f"{R}/runs/{{run}}/eigvecs/step{{step}}.pt",
-        data=run_data,
-    output:
-        f"{R}/runs/{{run}}/escape/step{{step}}.parquet",
-    params:
-        escape=dump_json(CFG.escape),
-        run=run_json,
-        data=lambda w, input: parent(input.data[0]),
-        version=FORMAT_VERSION["escape"],
-    conda:
-        ENV
-    log:
-        f"{R}/logs/escape/{{run}}/step{{step}}.log",
-    threads: RES.project.threads
-    resources:
-        gpu=RES.project.gpu,
-        gpu_model=RES.project.gpu_model,
-        mem_mb=RES.project.mem_mb,
-        runtime=RES.project.runtime,
-    shell:
-        "sharpflow escape --threads {threads} --escape {params.escape:q} --run {params.run:q} "
-        "--run-name {wildcards.run} --data {params.data:q} --checkpoint {input.checkpoint:q} "
-        "--eigvecs {input.eigvecs:q} --out-table {output:q} 2> {log:q}"
-
-
-rule aggregate_escape:
-    input:
-        lambda w: [f"{R}/runs/{w.run}/escape/step{s:08d}.parquet" for s in ESCAPE[w.run]],
-    output:
-        f"{R}/runs/{{run}}/escape.parquet",
-    conda:
-        ENV
-    log:
-        f"{R}/logs/aggregate/{{run}}/escape.log",
-    localrule: True
-    shell:
-        "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"

@@ -5,18 +5,20 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from sharpflow.analyses import REGISTRY as ANALYSES
 from sharpflow.config import (
     FORMAT_VERSION,
     ConfigError,
+    analysis_config,
     checkpoint_steps,
     dump_json,
     expand_runs,
     merge_config,
     parse_config,
     read_yaml,
-    project_config,
     spectrum_config,
     steps_per_epoch,
+    study_of,
 )
 import json
 
@@ -40,16 +42,41 @@ except ConfigError as err:
 R = CFG.results
 RUNS = expand_runs(CFG)
 STEPS = {run: checkpoint_steps(rc, CFG.datasets[rc.dataset]) for run, rc in RUNS.items()}
-ANALYSED = [run for run in RUNS if CFG.studies[run.split("-", 1)[0]].analyse]
+ANALYSED = [run for run in RUNS if CFG.studies[study_of(run)].analyse]
 RES = CFG.resources
 # Per-run lookups computed once: input functions run for every job of the DAG (thousands).
 RUN_JSON = {run: dump_json(rc) for run, rc in RUNS.items()}
 SPEC = {run: spectrum_config(CFG, run) for run in RUNS}
 SPEC_JSON = {run: dump_json(cfg) for run, cfg in SPEC.items()}
-PROJ = {run: project_config(CFG, run) for run in RUNS}
-PROJ_JSON = {run: dump_json(cfg) for run, cfg in PROJ.items()}
-STEP_INDEX = {run: {step: i for i, step in enumerate(steps)} for run, steps in STEPS.items()}
-ESCAPE = {run: sorted(set(steps)) for run, steps in CFG.escape.checkpoints.items() if steps}
+
+
+def _plan(run):
+    """Each registered analysis's config section for ``run`` and the checkpoints it runs at."""
+    plan = {}
+    for name, analysis in ANALYSES.items():
+        section = analysis_config(CFG, name, run)
+        steps = analysis.select(section, run, STEPS[run])
+        if steps:
+            plan[name] = (section, steps)
+    return plan
+
+
+def _chains(run):
+    """The run's checkpoints cut into warm-start chains of spectrum.warm_chain (0 or 1: one each)."""
+    steps, size = STEPS[run], max(1, SPEC[run].warm_chain)
+    return [steps[i : i + size] for i in range(0, len(steps), size)]
+
+
+PLAN = {run: _plan(run) for run in ANALYSED}
+CHAINS = {run: _chains(run) for run in ANALYSED}
+#: (run, table kind) -> the steps that have that table (spectrum: every checkpoint of an analysed run).
+TABLE_STEPS = {}
+for _run in ANALYSED:
+    TABLE_STEPS[(_run, "spectrum")] = STEPS[_run]
+    for _name, (_section, _steps) in PLAN[_run].items():
+        for _kind in ANALYSES[_name].tables:
+            TABLE_STEPS[(_run, _kind)] = _steps
+TABLE_KINDS = ["spectrum", *(kind for a in ANALYSES.values() for kind in a.tables)]
 
 
 def data_files(dataset):
@@ -73,35 +100,55 @@ def checkpoint_output(run, step):
     return path
 
 
-def run_json(wildcards):
-    return RUN_JSON[wildcards.run]
-
-
-def previous_eigvecs(wildcards):
-    """The previous checkpoint's eigenvectors, within a warm-start chain (else nothing)."""
-    chain = SPEC[wildcards.run].warm_chain
-    steps = STEPS[wildcards.run]
-    i = STEP_INDEX[wildcards.run][int(wildcards.step)]
-    if chain <= 1 or i % chain == 0:
-        return []
-    return [f"{R}/runs/{wildcards.run}/eigvecs/step{steps[i - 1]:08d}.pt"]
-
-
 def rule_name(prefix, run):
     safe = run.replace("-", "__").replace(".", "p")
     return f"{prefix}_{safe}"
 
 
+def spectrum_files(run, step):
+    return [f"{R}/runs/{run}/spectrum/step{step:08d}.parquet", f"{R}/runs/{run}/eigvecs/step{step:08d}.pt"]
+
+
+def chain_outputs(run, chain):
+    """Every per-checkpoint file an analysis job (one warm-start chain) writes."""
+    out = [path for step in chain for path in spectrum_files(run, step)]
+    for name, (_, steps) in PLAN[run].items():
+        a = ANALYSES[name]
+        out += [a.path(R, run, kind, step) for step in chain if step in steps for kind in a.tables]
+    return out
+
+
+def chain_plan_json(run, chain):
+    """The analyses of one chain, as passed to `sharpflow analyse --analyses` (and a params trigger)."""
+    plan = {}
+    for name, (section, steps) in PLAN[run].items():
+        here = [s for s in chain if s in steps]
+        if here:
+            plan[name] = {"config": section.model_dump(mode="json"), "steps": here}
+    return dump_json_dict(plan)
+
+
+def chain_resources(run, chain):
+    """Most threads, memory and GPUs of the sections a chain runs; runtime summed over checkpoints."""
+    sections = [RES.spectrum] + [getattr(RES, name) for name in json.loads(chain_plan_json(run, chain))]
+    runtime = len(chain) * RES.spectrum.runtime
+    for name, (_, steps) in PLAN[run].items():
+        runtime += sum(1 for s in chain if s in steps) * getattr(RES, name).runtime
+    return {
+        "threads": max(r.threads for r in sections),
+        "mem_mb": max(r.mem_mb for r in sections),
+        "gpu": max(r.gpu for r in sections),
+        "gpu_model": RES.spectrum.gpu_model,
+        "runtime": runtime,
+    }
+
+
 def per_checkpoint(kind):
     """Input function: a run's per-checkpoint tables of one kind, in step order."""
-
-    def inputs(wildcards):
-        steps = STEPS[wildcards.run]
-        if kind == "spectrum":
-            return [f"{R}/runs/{wildcards.run}/spectrum/step{s:08d}.parquet" for s in steps]
-        return [f"{R}/runs/{wildcards.run}/project/{kind}/step{s:08d}.parquet" for s in steps]
-
-    return inputs
+    if kind == "spectrum":
+        return lambda w: [f"{R}/runs/{w.run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(w.run, kind)]]
+    a = ANALYSES[[name for name, an in ANALYSES.items() if kind in an.tables][0]]
+    return lambda w: [a.path(R, w.run, kind, s) for s in TABLE_STEPS[(w.run, kind)]]
 
 
 def parent(path, levels=1):
@@ -114,49 +161,40 @@ def parent(path, levels=1):
 ENV = "../envs/sharpflow.yaml"
 
 
-PROJECT_KINDS = ["alignment", "cross_sections", "widths", "decomposed"]
-
-
 # ------------------------------------------------------------------------ figures and tables
-from sharpflow.figures import KINDS as FIGURE_KINDS
-from sharpflow.tables import KINDS as TABLE_KINDS
+import sharpflow.figures
+import sharpflow.tables
 
 
 def run_outputs(run):
-    """The final outputs of one run: metrics, plus its aggregated analyses if analysed."""
+    """The final outputs of one run: metrics, plus its aggregated tables if analysed."""
     out = [f"{R}/runs/{run}/metrics.parquet"]
-    if run in ANALYSED:
-        out.append(f"{R}/runs/{run}/spectrum.parquet")
-        if PROJ[run].enabled:
-            out += [f"{R}/runs/{run}/{kind}.parquet" for kind in PROJECT_KINDS]
-    if run in ESCAPE:
-        out.append(f"{R}/runs/{run}/escape.parquet")
+    out += [f"{R}/runs/{run}/{kind}.parquet" for kind in TABLE_KINDS if (run, kind) in TABLE_STEPS]
     return out
 
 
 def study_runs(studies):
-    return [run for run in RUNS if run.split("-", 1)[0] in studies]
+    return [run for run in RUNS if study_of(run) in studies]
 
 
 def presentation_inputs(item, table_kinds):
-    """The aggregated tables a figure or table reads: exactly its studies' runs' files."""
+    """The aggregated tables a figure or table reads: exactly its studies' runs' files (a run
+    counts for an analysis's tables only where that analysis ran, e.g. escape's chosen runs)."""
     runs = study_runs(item.studies)
-    if "escape" in table_kinds:  # only the runs the escape ablation was configured for
-        runs = [run for run in runs if run in ESCAPE]
+    analysed = [t for t in table_kinds if t != "metrics"]
+    if analysed:
+        runs = [run for run in runs if all((run, t) in TABLE_STEPS for t in analysed)]
     return [f"{R}/runs/{run}/{t}.parquet" for run in runs for t in table_kinds]
 
 
 def code_inputs(package, kind):
-    """The plotting code a figure or table depends on: its own module and the shared ones."""
-    mod = __import__(f"sharpflow.{package}", fromlist=["MODULES"])
-    names = [mod.MODULES[kind], *mod.SHARED_MODULES]
-    # absolute: the working directory (-d) need not be the repository
-    return [os.path.normpath(os.path.join(mod.DIRECTORY, n)) for n in names]
+    """The plotting code a figure or table depends on: its own module and the shared ones
+    (absolute: the working directory, -d, need not be the repository)."""
+    return [str(p) for p in package.REGISTRY.code_files(kind)]
 
 
 def caption(package, kind):
-    mod = __import__(f"sharpflow.{package}", fromlist=["CAPTIONS"])
-    return os.path.join(workflow.basedir, mod.CAPTIONS[kind])
+    return os.path.join(workflow.basedir, package.REGISTRY.captions[kind])
 
 
 def presentation_spec(item):
@@ -166,7 +204,7 @@ def presentation_spec(item):
         rc = RUNS[run]
         ns = rc.optimizer.nsgd
         runs[run] = {
-            "study": run.split("-", 1)[0],
+            "study": study_of(run),
             "lr": rc.optimizer.lr,
             "batch_size": rc.optimizer.batch_size,
             "momentum": rc.optimizer.momentum,

@@ -10,13 +10,13 @@ for _name, _fig in CFG.figures.items():
         name:
             f"figure_{_name}"
         input:
-            tables=presentation_inputs(_fig, FIGURE_KINDS[_fig.kind]),
-            code=code_inputs("figures", _fig.kind),
+            tables=presentation_inputs(_fig, sharpflow.figures.KINDS[_fig.kind]),
+            code=code_inputs(sharpflow.figures, _fig.kind),
         output:
             pdf=f"{R}/figures/{_name}.pdf",
             png=report(
                 f"{R}/figures/{_name}.png",
-                caption=caption("figures", _fig.kind),
+                caption=caption(sharpflow.figures, _fig.kind),
                 category="Figures",
                 labels={"figure": _name, "kind": _fig.kind},
             ),
@@ -40,14 +40,14 @@ for _name, _tab in CFG.tables.items():
         name:
             f"table_{_name}"
         input:
-            tables=presentation_inputs(_tab, TABLE_KINDS[_tab.kind]),
-            code=code_inputs("tables", _tab.kind),
+            tables=presentation_inputs(_tab, sharpflow.tables.KINDS[_tab.kind]),
+            code=code_inputs(sharpflow.tables, _tab.kind),
         output:
             md=f"{R}/tables/{_name}.md",
             tex=f"{R}/tables/{_name}.tex",
             csv=report(
                 f"{R}/tables/{_name}.csv",
-                caption=caption("tables", _tab.kind),
+                caption=caption(sharpflow.tables, _tab.kind),
                 category="Tables",
                 labels={"table": _name, "kind": _tab.kind},
             ),

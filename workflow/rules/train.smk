@@ -21,6 +21,8 @@ for _run, _rc in RUNS.items():
             ENV
         log:
             f"{R}/logs/train/{_run}.log",
+        benchmark:
+            f"{R}/benchmarks/train/{_run}.tsv"
         threads: RES.train.threads
         resources:
             gpu=RES.train.gpu,

@@ -1,6 +1,9 @@
-"""Loading a figure's input tables and the run bookkeeping every figure needs.
+"""A study's results, as figures and tables read them: one public module for presentation.
 
-Pure pandas; no matplotlib here (so the table code and tests can use it cheaply).
+:func:`load` reads aggregated tables (``…/runs/{run}/{kind}.parquet``) into a :class:`Data`
+with the run bookkeeping every figure and table needs; :func:`aggregate` makes those files from
+the per-checkpoint tables. Pure pandas: no torch and no matplotlib here, so the light commands
+(aggregate, figure, table) start fast.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import SharpflowError, read_parquet
+from .config import study_of
+from .errors import SharpflowError
+from .io import read_parquet, write_parquet
 
 #: run fields of ``spec["runs"][run]`` that can distinguish runs, in the order in which a figure
 #: prefers to colour by them.
@@ -63,7 +68,7 @@ class Data:
         return v
 
     def study(self, run: str) -> str:
-        return str(self.meta.get(run, {}).get("study") or run.split("-", 1)[0])
+        return str(self.meta.get(run, {}).get("study") or study_of(run))
 
     def divergence(self, run: str) -> tuple[float, float] | None:
         """(step, epoch) of the first diverged row of ``run`` in any table, or None."""
@@ -125,7 +130,7 @@ def load(inputs: Iterable[str | Path], kinds: Sequence[str], spec: dict[str, Any
 
     def order(run: str) -> tuple:
         m = meta.get(run, {})
-        study = str(m.get("study") or run.split("-", 1)[0])
+        study = str(m.get("study") or study_of(run))
         s_idx = studies.index(study) if study in studies else len(studies)
         return (s_idx, study, *(sort_value(m.get(k)) for k in SWEEP_KEYS), run)
 
@@ -223,3 +228,19 @@ def label_keys(groups: dict[Group, list[str]], by: str | None) -> list[str]:
     if by in ("gamma", "k"):  # the requested one first, named even if it does not vary
         keys = [by, *(k for k in keys if k != by)]
     return keys or ["gamma"]
+
+
+def aggregate(inputs: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
+    """Concatenate per-checkpoint tables (same schema) into one, sorted by step, written atomically."""
+    frames = [read_parquet(p) for p in inputs]
+    if not frames:
+        raise SharpflowError(f"{out}: nothing to aggregate")
+    cols = list(frames[0].columns)
+    for p, f in zip(inputs, frames, strict=True):
+        if list(f.columns) != cols:
+            raise SharpflowError(f"{p}: columns {list(f.columns)} differ from {inputs[0]}: {cols}")
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+    if "step" in df.columns:
+        df = df.sort_values("step", kind="stable").reset_index(drop=True)
+    write_parquet(out, df)
+    return df

@@ -37,15 +37,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from sharpflow.params import LossFn, loss_of_params, trainable, unflatten
+from ..params import LossFn, loss_of_params, trainable, unflatten
+from .project import ProjectConfig
 
 Batch = tuple[Tensor, Tensor]
 Mode = Literal["none", "remove", "isolate", "freeze", "rescale"]
 
-DEFAULT_KS: tuple[float, ...] = (-16.0, -8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0,
-                                 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-DEFAULT_MULTIPLIERS: tuple[float, ...] = (0.25, 0.33, 0.5, 1.0, 2.0, 3.0, 4.0)
-DEFAULT_THRESHOLDS: tuple[float, ...] = (1.01, 1.1, 1.5, 2.0)
+# The defaults of the config section (one source): section k values, step multipliers, width thresholds.
+DEFAULT_KS: tuple[float, ...] = tuple(sorted(ProjectConfig().cross_ks))
+DEFAULT_MULTIPLIERS: tuple[float, ...] = tuple(ProjectConfig().multipliers)
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(ProjectConfig().width_thresholds)
 GRAD_CHUNK = 16
 THETA_CHUNK = 32
 
@@ -87,6 +88,11 @@ def _plain_grad(f: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tens
             return torch.autograd.grad(f(th, x, y), th)[0]
 
     return g
+
+
+def batches_of(x: Tensor, y: Tensor, size: int) -> list[Batch]:
+    """(x, y) cut into consecutive batches of ``size`` examples (the last may be shorter)."""
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def _n_examples(batch: Batch) -> int:
@@ -282,11 +288,6 @@ def random_cos_baseline(dim: int, *, exact: bool = False) -> float:
     if exact:
         return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
     return math.sqrt(2.0 / (math.pi * dim))
-
-
-def random_frac_baseline(k: int, dim: int) -> float:
-    """E[fraction of a random vector's squared norm inside a fixed k-dim subspace of R^dim] = k/dim."""
-    return k / dim
 
 
 def alignment(
@@ -616,31 +617,6 @@ def decomposed_step(
         "rel_change_pct": rel,
         "diverged": diverged,
     })
-
-
-def summarise_decomposed(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over the M gradients of :func:`decomposed_step`'s relative loss change.
-
-    Group keys: any of ``run``/``step``/``epoch`` present, then ``direction``, ``kind``, ``rank``,
-    ``multiplier``. Columns added: ``lr_eff``, ``eigenvalue``, ``eta_lambda_half`` (constant in a
-    group), ``mean_pct``, ``std_pct`` (sample std, ddof=1), ``sem_pct`` (std/√n), ``n`` (finite
-    values used), ``frac_up`` (fraction of gradients whose step raised the loss), ``diverged``
-    (any row of the group diverged). NaN values are skipped.
-    """
-    keys = [c for c in _ID_COLUMNS if c in df.columns] + ["direction", "kind", "rank", "multiplier"]
-    g = df.groupby(keys, sort=False, dropna=False)
-    out = g.agg(
-        lr_eff=("lr_eff", "first"),
-        eigenvalue=("eigenvalue", "first"),
-        eta_lambda_half=("eta_lambda_half", "first"),
-        mean_pct=("rel_change_pct", "mean"),
-        std_pct=("rel_change_pct", "std"),
-        n=("rel_change_pct", "count"),
-        frac_up=("rel_change_pct", lambda s: float((s.dropna() > 0).mean()) if s.notna().any() else math.nan),
-        diverged=("diverged", "any"),
-    ).reset_index()
-    out.insert(out.columns.get_loc("std_pct") + 1, "sem_pct", out["std_pct"] / np.sqrt(out["n"]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

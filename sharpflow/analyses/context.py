@@ -1,0 +1,96 @@
+"""What an analysis gets: one checkpoint, its run, its data and its eigenvectors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..checkpoints import load_checkpoint, restore_model
+from ..config import RunConfig
+from ..data import Dataset, TrainView, train_view
+from ..errors import SharpflowError
+from ..io import load_torch
+
+#: keys of an eigenvector file (``eigvecs/step*.pt``), written by :mod:`.spectrum`.
+EIGVEC_KEYS = ("eigenvalues", "eigenvectors", "residuals", "step", "run", "status", "format")
+
+
+def load_eigvecs(path: str | Path) -> dict[str, Any]:
+    return load_torch(path, required=EIGVEC_KEYS, what="eigenvectors")
+
+
+@dataclass
+class CheckpointContext:
+    """One checkpoint of one run, with everything loaded (on ``device``).
+
+    ``model()`` restores a fresh copy of the checkpoint's model each time it is called (an
+    analysis may change its mode or buffers); ``eigvecs`` is the checkpoint's eigenvector file
+    (``None`` before the spectrum has run).
+    """
+
+    run: RunConfig
+    run_name: str
+    data: Dataset
+    checkpoint: dict[str, Any]
+    checkpoint_path: Path
+    device: torch.device
+    eigvecs: dict[str, Any] | None = None
+    eigvecs_path: Path | None = None
+    log: Callable[[str], None] = print
+    _view: TrainView | None = field(default=None, repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint["step"])
+
+    @property
+    def epoch(self) -> float:
+        return float(self.checkpoint["epoch"])
+
+    @property
+    def status(self) -> str:
+        return str(self.checkpoint["status"])
+
+    @property
+    def view(self) -> TrainView:
+        """The examples the run trains on, and its batch size."""
+        if self._view is None:
+            self._view = train_view(self.run, self.data)
+        return self._view
+
+    def model(self) -> nn.Module:
+        """The checkpoint's model, freshly restored on the device."""
+        return restore_model(self.checkpoint, self.run, self.data, self.checkpoint_path).to(self.device)
+
+    def with_eigvecs(self, path: str | Path) -> CheckpointContext:
+        ev = load_eigvecs(path)
+        if int(ev["step"]) != self.step:
+            raise SharpflowError(f"{path}: eigenvectors are for step {ev['step']}, the checkpoint is step {self.step}")
+        self.eigvecs, self.eigvecs_path = ev, Path(path)
+        return self
+
+
+def open_checkpoint(run: RunConfig, run_name: str, data: Dataset, path: str | Path, device: torch.device,
+                    log: Callable[[str], None] = print) -> CheckpointContext:
+    """Load the checkpoint at ``path`` (a clear error if it is missing or corrupt)."""
+    return CheckpointContext(run=run, run_name=run_name, data=data, checkpoint=load_checkpoint(path),
+                             checkpoint_path=Path(path), device=device, log=log)
+
+
+def add_ident(df: pd.DataFrame, ident: dict[str, Any]) -> None:
+    """Put the identifying columns (run, step, ...) first, in order, overwriting same-named ones."""
+    for col, val in reversed(ident.items()):
+        if col in df.columns:
+            df[col] = val
+        else:
+            df.insert(0, col, val)
+
+
+def finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

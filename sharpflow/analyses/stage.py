@@ -1,0 +1,249 @@
+"""Running the spectrum and the analyses: one checkpoint, or a whole warm-start chain in one process.
+
+A Snakemake analysis job covers one warm-start chain of a run (``spectrum.warm_chain``
+consecutive checkpoints): for each checkpoint in order it computes the spectrum (warm-started
+from the previous checkpoint's eigenvectors, as separate jobs did) and then every analysis
+selected at that checkpoint, on the eigenvectors just computed. Each checkpoint keeps its own
+output files, so figures, tables and the aggregate rules are unchanged.
+
+Resume and reuse: every result is first written to the run's *analysis stash*
+``runs/{run}/.analysis/`` (outside Snakemake's declared outputs, which it deletes when a job
+fails or is rerun) together with a key: a digest of what the result depends on (its config
+section and format version, the checkpoint file's bytes and, for an analysis or a warm-started
+spectrum, the key of the eigenvectors it used). It is then hard-linked to its declared place. A
+rerun publishes every stashed result whose key still matches and computes the rest, so a killed
+job loses at most the checkpoint it was on, and a job rerun because one analysis's config changed
+recomputes only that analysis (the same numbers either way: a reused result is the file that
+computing it again would write, bit for bit, on the same machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from pydantic import BaseModel
+
+from ..config import FORMAT_VERSION, RunConfig, SpectrumConfig, dump_json
+from ..errors import SharpflowError
+from ..io import load_torch, save_torch, write_parquet, write_text
+from . import REGISTRY, Analysis
+from . import spectrum as spectrum_mod
+from .context import EIGVEC_KEYS, CheckpointContext, open_checkpoint
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------- file layout
+def spectrum_paths(results: str | Path, run: str, step: int) -> tuple[Path, Path]:
+    """The spectrum table and the eigenvector file of one checkpoint."""
+    root = Path(results) / "runs" / run
+    return root / "spectrum" / f"step{step:08d}.parquet", root / "eigvecs" / f"step{step:08d}.pt"
+
+
+def analysis_paths(results: str | Path, run: str, analysis: Analysis, step: int) -> dict[str, Path]:
+    return {kind: Path(analysis.path(str(results), run, kind, step)) for kind in analysis.tables}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Make ``src`` appear at ``dst`` atomically (a hard link, else a copy), dated now."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.utime(tmp)  # newer than the checkpoint it was computed from, as Snakemake expects
+    os.replace(tmp, dst)
+
+
+@dataclass
+class _Stash:
+    """One result slot per (what, step) under ``runs/{run}/.analysis``; a key file validates it."""
+
+    root: Path
+
+    def files(self, what: str, names: Sequence[str], step: int, suffix: str = ".parquet") -> dict[str, Path]:
+        return {n: self.root / what / n / f"step{step:08d}{suffix}" for n in names}
+
+    def key_file(self, what: str, step: int) -> Path:
+        return self.root / what / f"step{step:08d}.key"
+
+    def valid(self, what: str, step: int, key: str, files: Sequence[Path]) -> bool:
+        kf = self.key_file(what, step)
+        try:
+            return kf.read_text() == key and all(f.exists() for f in files)
+        except OSError:
+            return False
+
+    def seal(self, what: str, step: int, key: str) -> None:
+        write_text(self.key_file(what, step), key)
+
+
+# ------------------------------------------------------------------------------------ the chain
+@dataclass
+class Planned:
+    """An analysis of the chain: its config section and the steps it runs at."""
+
+    analysis: Analysis
+    config: BaseModel
+    steps: set[int]
+
+
+def run_chain(
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoints: Sequence[str | Path],
+    spectrum: SpectrumConfig,
+    analyses: Sequence[Planned],
+    results: str | Path,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    log: Log = print,
+) -> None:
+    """Spectrum, then the planned analyses, of each checkpoint of one warm-start chain, in order.
+
+    ``checkpoints``: the chain's checkpoint files in step order (the first starts cold when the chain
+    is the first of the run or ``warm_chain`` splits the run there; see the Snakefile). Outputs go to
+    the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
+    """
+    from ..data import load_prepared
+
+    device = torch.device(device)
+    data = load_prepared(data_dir, device=device)
+    stash = _Stash(Path(results) / "runs" / run_name / ".analysis")
+    spec_json = dump_json(spectrum)
+    previous: dict[str, Any] | None = None
+    previous_key: str | None = None
+    t0 = time.perf_counter()
+    for i, path in enumerate(checkpoints):
+        ctx = open_checkpoint(run, run_name, data, path, device, log=log)
+        step = ctx.step
+        ck_sha = _sha256(Path(path))
+        key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
+        files = stash.files("spectrum", ["spectrum", "eigvecs"], step)
+        files["eigvecs"] = files["eigvecs"].with_suffix(".pt")
+        if not stash.valid("spectrum", step, key, list(files.values())):
+            table, vecs = spectrum_mod.compute(ctx, spectrum, previous, progress=progress, log=log)
+            save_torch(files["eigvecs"], vecs)
+            write_parquet(files["spectrum"], table)
+            stash.seal("spectrum", step, key)
+        else:
+            log(f"[{run_name}] step {step}: spectrum reused from the stash")
+        out_table, out_vecs = spectrum_paths(results, run_name, step)
+        _publish(files["spectrum"], out_table)
+        _publish(files["eigvecs"], out_vecs)
+        previous = load_torch(files["eigvecs"], required=EIGVEC_KEYS, what="eigenvectors")
+        previous_key = key
+        ctx.with_eigvecs(out_vecs)
+        for plan in analyses:
+            if step in plan.steps:
+                _run_analysis(ctx, plan, stash, key, ck_sha, results)
+        log(f"[{run_name}] checkpoint {i + 1} of {len(checkpoints)} (step {step}) done, "
+            f"{time.perf_counter() - t0:.1f} s so far")
+
+
+def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum_key: str, ck_sha: str,
+                  results: str | Path) -> None:
+    a, step = plan.analysis, ctx.step
+    key = _key(a.name, dump_json(plan.config), a.format_version, ck_sha, spectrum_key)
+    files = stash.files(a.name, a.tables, step)
+    if not stash.valid(a.name, step, key, list(files.values())):
+        tables = compute_tables(a, ctx, plan.config)
+        for kind, df in tables.items():
+            write_parquet(files[kind], df)
+        stash.seal(a.name, step, key)
+    else:
+        ctx.log(f"[{ctx.run_name}] step {step}: {a.name} reused from the stash")
+    for kind, dst in analysis_paths(results, ctx.run_name, a, step).items():
+        _publish(files[kind], dst)
+
+
+def compute_tables(a: Analysis, ctx: CheckpointContext, cfg: BaseModel) -> dict[str, pd.DataFrame]:
+    """``a.compute``, checked: exactly the declared table kinds, each a DataFrame."""
+    tables = a.compute(ctx, cfg)
+    if set(tables) != set(a.tables) or not all(isinstance(t, pd.DataFrame) for t in tables.values()):
+        raise SharpflowError(f"analysis {a.name!r} returned tables {sorted(tables)}; it declares {list(a.tables)}")
+    return tables
+
+
+# ------------------------------------------------------------------------- one checkpoint, by hand
+def spectrum_stage(
+    cfg: SpectrumConfig,
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    previous: str | Path | None,
+    out_table: str | Path,
+    out_eigvecs: str | Path,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    log: Log = print,
+) -> pd.DataFrame:
+    """The spectrum of one checkpoint (``sharpflow spectrum``), warm-started from ``previous``
+    (an eigenvector file) when it exists."""
+    from ..data import load_prepared
+
+    device = torch.device(device)
+    data = load_prepared(data_dir, device=device)
+    ctx = open_checkpoint(run, run_name, data, checkpoint, device, log=log)
+    prev = None
+    if previous is not None and Path(previous).exists():
+        prev = load_torch(previous, required=EIGVEC_KEYS, what="eigenvectors")
+    table, vecs = spectrum_mod.compute(ctx, cfg, prev, progress=progress, log=log)
+    save_torch(out_eigvecs, vecs)
+    write_parquet(out_table, table)
+    return table
+
+
+def analysis_stage(
+    name: str,
+    cfg: BaseModel,
+    run: RunConfig,
+    *,
+    run_name: str,
+    data_dir: str | Path,
+    checkpoint: str | Path,
+    eigvecs: str | Path,
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    log: Log = print,
+) -> dict[str, pd.DataFrame]:
+    """One registered analysis of one checkpoint (``sharpflow <name>``): its tables go to
+    ``{out_dir}/step*.parquet`` (one table) or ``{out_dir}/{kind}/step*.parquet``."""
+    from ..data import load_prepared
+
+    a = REGISTRY[name]
+    device = torch.device(device)
+    data = load_prepared(data_dir, device=device)
+    ctx = open_checkpoint(run, run_name, data, checkpoint, device, log=log).with_eigvecs(eigvecs)
+    tables = compute_tables(a, ctx, cfg)
+    for kind, df in tables.items():
+        write_parquet(Path(out_dir) / a.relpath(kind, ctx.step), df)
+    return tables
