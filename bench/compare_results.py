@@ -6,8 +6,8 @@ Every Parquet file under ``runs/`` and ``tables/`` is compared value for value (
 to NaN, same columns in the same order and the same dtypes) except the wall-clock columns
 (``wall_s``, ``seconds``, ``refresh_s``), which no two runs share; every PNG and CSV byte for
 byte; every ``.pt`` file (checkpoints, eigenvectors) tensor for tensor. Files present on one side
-only are listed. Logs, benchmarks, PDFs (they embed a creation date) and the stash directories
-are skipped. Exit status 0 when everything compared is identical, 1 otherwise.
+only are listed. Logs, benchmarks, the cost table, PDFs (they embed a creation date) and the stash
+directories are skipped. Exit status 0 when everything compared is identical, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def _files(root: Path) -> dict[str, Path]:
     out = {}
     for p in root.rglob("*"):
         rel = p.relative_to(root)
+        if rel.parts[-1].startswith("cost."):  # the cost table is timings only
+            continue
         if p.is_file() and not SKIP_DIRS & set(rel.parts) and p.suffix in (".parquet", ".png", ".csv", ".pt", ".md"):
             out[str(rel)] = p
     return out

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,8 +75,10 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     _setup_threads(a.threads or a.run.threads)
     device = choose_device(a.run.device, log=_log)
+    t0 = time.perf_counter()
     train(a.run, a.dataset, run_name=a.run_name, data_dir=a.data, out_dir=a.out, device=device,
           progress=not a.no_progress, log=_log)
+    _write_timing(a.timing, time.perf_counter() - t0)
 
 
 def cmd_spectrum(a: argparse.Namespace) -> None:
@@ -134,27 +137,62 @@ def cmd_analyse(a: argparse.Namespace) -> None:
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
     plans = [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in a.analyses.items()]
-    run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints, spectrum=a.spectrum,
-              analyses=plans, results=a.results, device=device, progress=not a.no_progress, log=_log)
+    compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
+                        spectrum=a.spectrum, analyses=plans, results=a.results, chain_starts=a.chain_starts,
+                        aggregate=a.aggregate, device=device, progress=not a.no_progress, log=_log)
+    _write_timing(a.timing, compute)
+
+
+def _write_timing(path: Path | None, compute_s: float) -> None:
+    """``--timing``: the seconds the stage spent on its work (the rest of a job's wall is start-up)."""
+    if path is not None:
+        from .io import write_text
+
+        write_text(path, json.dumps({"compute_s": round(compute_s, 3)}) + "\n")
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .results import aggregate
 
-    aggregate(a.inputs, a.out)
+    t0 = time.perf_counter()
+    _aggregate(a, aggregate)
+    _write_timing(a.timing, time.perf_counter() - t0)
+
+
+def _aggregate(a: argparse.Namespace, aggregate: Callable[..., Any]) -> None:
+    if (a.out is None) == (a.out_dir is None):
+        raise SharpflowError("give exactly one of --out and --out-dir")
+    if a.out is not None:
+        aggregate(a.inputs, a.out)
+        return
+    by_kind: dict[str, list[Path]] = {}
+    for path in a.inputs:  # …/{kind}/step*.parquet
+        by_kind.setdefault(path.parent.name, []).append(path)
+    for kind, paths in by_kind.items():
+        aggregate(paths, a.out_dir / f"{kind}.parquet")
 
 
 def cmd_figure(a: argparse.Namespace) -> None:
-    from .figures import draw
+    from .figures import draw, style  # noqa: F401  (style: matplotlib, imported before the clock starts)
 
+    t0 = time.perf_counter()
     draw(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_pdf=a.out_pdf, out_png=a.out_png)
+    _write_timing(a.timing, time.perf_counter() - t0)
 
 
 def cmd_table(a: argparse.Namespace) -> None:
     from .tables import make_table
 
+    t0 = time.perf_counter()
     make_table(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_md=a.out_md, out_tex=a.out_tex,
                out_csv=a.out_csv)
+    _write_timing(a.timing, time.perf_counter() - t0)
+
+
+def cmd_cost(a: argparse.Namespace) -> None:
+    from .cost import cost_table
+
+    cost_table(a.results, out_md=a.out_md, out_csv=a.out_csv)
 
 
 def cmd_check(a: argparse.Namespace) -> None:
@@ -206,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--dataset", required=True, type=_model_arg(DatasetConfig, "--dataset"))
     sp.add_argument("--out", required=True, type=Path, help="the run's directory")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("spectrum", help="top-k Hessian eigenpairs (certified) of one checkpoint")
@@ -240,13 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--analyses", default={}, type=_parse_plan,
                     help='JSON {name: {"config": {...}, "steps": [...]}}: the analyses and where they run')
     sp.add_argument("--results", required=True, type=Path, help="the results root (outputs go to runs/{run}/...)")
+    sp.add_argument("--chain-starts", type=int, nargs="*", default=None, metavar="STEP",
+                    help="steps at which a new warm-start chain begins (default: only the first checkpoint)")
+    sp.add_argument("--aggregate", action="store_true",
+                    help="the checkpoints are all of the run's: also write runs/{run}/{kind}.parquet")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
     sp.set_defaults(func=cmd_analyse)
 
-    sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file")
-    sp.add_argument("--out", required=True, type=Path)
+    sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file per kind")
+    sp.add_argument("--out", type=Path, default=None, help="the one output (all inputs are of one kind)")
+    sp.add_argument("--out-dir", type=Path, default=None,
+                    help="write {kind}.parquet here for each kind, the kind being an input's directory name")
     sp.add_argument("inputs", nargs="+", type=Path)
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.set_defaults(func=cmd_aggregate)
 
     sp = sub.add_parser("figure", help="draw one figure (PDF + PNG)")
@@ -255,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-pdf", required=True, type=Path)
     sp.add_argument("--out-png", required=True, type=Path)
     sp.add_argument("inputs", nargs="+", type=Path, help="the aggregated tables to read")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.set_defaults(func=cmd_figure)
 
     sp = sub.add_parser("table", help="make one table (Markdown + LaTeX + CSV)")
@@ -264,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-tex", required=True, type=Path)
     sp.add_argument("--out-csv", required=True, type=Path)
     sp.add_argument("inputs", nargs="+", type=Path, help="the aggregated tables to read")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.set_defaults(func=cmd_table)
+
+    sp = sub.add_parser("cost", help="where the time went: a per-rule table from the jobs' benchmark files")
+    sp.add_argument("--results", required=True, type=Path, help="the results root (reads benchmarks/)")
+    sp.add_argument("--out-md", required=True, type=Path)
+    sp.add_argument("--out-csv", required=True, type=Path)
+    sp.set_defaults(func=cmd_cost)
 
     sp = sub.add_parser("check", help="validate a config file and list its runs")
     sp.add_argument("configfile", type=Path)

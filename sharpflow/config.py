@@ -297,13 +297,18 @@ class StageResources(Strict):
 class _ResourcesBase(Strict):
     """Per-stage resources passed to Snakemake (a profile's set-resources can override them).
 
-    An analysis job (one warm-start chain of a run: its spectra and every analysis of those
-    checkpoints) asks for the most threads, memory and GPUs of the sections it runs and the sum of
-    their ``runtime`` over its checkpoints (``runtime`` is minutes per checkpoint there).
+    An analysis job (``chains_per_job`` warm-start chains of a run: their spectra and every analysis
+    of those checkpoints) asks for the most threads, memory and GPUs of the sections it runs and the
+    sum of their ``runtime`` over its checkpoints (``runtime`` is minutes per checkpoint there).
     """
 
     train: StageResources = Field(default_factory=StageResources)
     spectrum: StageResources = Field(default_factory=StageResources)
+    chains_per_job: NonNegativeInt = Field(
+        0,
+        description="Warm-start chains per analysis job (0: all of a run's chains in one job, which then "
+        "also writes the run's aggregated tables). Scheduling only: the numbers do not depend on it.",
+    )
 
 
 ResourcesConfig = create_model(

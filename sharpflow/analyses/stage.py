@@ -121,54 +121,79 @@ def run_chain(
     spectrum: SpectrumConfig,
     analyses: Sequence[Planned],
     results: str | Path,
+    chain_starts: Sequence[int] | None = None,
+    aggregate: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
     log: Log = print,
-) -> None:
-    """Spectrum, then the planned analyses, of each checkpoint of one warm-start chain, in order.
+) -> float:
+    """Spectrum, then the planned analyses, of each checkpoint of one or more warm-start chains, in
+    order; returns the seconds spent on the checkpoints (loading, computing, writing).
 
-    ``checkpoints``: the chain's checkpoint files in step order (the first starts cold when the chain
-    is the first of the run or ``warm_chain`` splits the run there; see the Snakefile). Outputs go to
-    the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
+    ``checkpoints``: the checkpoint files in step order. ``chain_starts``: the steps at which a new
+    warm-start chain begins (solved cold); None: only the first. ``aggregate``: the checkpoints are
+    all of the run's, so also write its aggregated tables ``runs/{run}/{kind}.parquet``. Outputs go
+    to the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
     """
     from ..data import load_prepared
+    from ..results import aggregate as concat
 
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
     stash = _Stash(Path(results) / "runs" / run_name / ".analysis")
     spec_json = dump_json(spectrum)
+    starts = set(chain_starts or [])
     previous: dict[str, Any] | None = None
     previous_key: str | None = None
+    written: dict[str, list[Path]] = {}
     t0 = time.perf_counter()
     for i, path in enumerate(checkpoints):
         ctx = open_checkpoint(run, run_name, data, path, device, log=log)
         step = ctx.step
+        if i == 0 or step in starts:
+            previous, previous_key = None, None
         ck_sha = _sha256(Path(path))
-        key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
-        files = stash.files("spectrum", ["spectrum", "eigvecs"], step)
-        files["eigvecs"] = files["eigvecs"].with_suffix(".pt")
-        if not stash.valid("spectrum", step, key, list(files.values())):
-            table, vecs = spectrum_mod.compute(ctx, spectrum, previous, progress=progress, log=log)
-            save_torch(files["eigvecs"], vecs)
-            write_parquet(files["spectrum"], table)
-            stash.seal("spectrum", step, key)
-        else:
-            log(f"[{run_name}] step {step}: spectrum reused from the stash")
-        out_table, out_vecs = spectrum_paths(results, run_name, step)
-        _publish(files["spectrum"], out_table)
-        _publish(files["eigvecs"], out_vecs)
-        previous = load_torch(files["eigvecs"], required=EIGVEC_KEYS, what="eigenvectors")
-        previous_key = key
-        ctx.with_eigvecs(out_vecs)
+        previous, previous_key = _spectrum(ctx, spectrum, spec_json, previous, previous_key, stash, ck_sha,
+                                           results, progress)
+        written.setdefault("spectrum", []).append(spectrum_paths(results, run_name, step)[0])
         for plan in analyses:
             if step in plan.steps:
-                _run_analysis(ctx, plan, stash, key, ck_sha, results)
+                for kind, out in _run_analysis(ctx, plan, stash, previous_key, ck_sha, results).items():
+                    written.setdefault(kind, []).append(out)
         log(f"[{run_name}] checkpoint {i + 1} of {len(checkpoints)} (step {step}) done, "
             f"{time.perf_counter() - t0:.1f} s so far")
+    if aggregate:
+        for kind, files in written.items():
+            concat(files, Path(results) / "runs" / run_name / f"{kind}.parquet")
+    return time.perf_counter() - t0
+
+
+def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previous: dict[str, Any] | None,
+              previous_key: str | None, stash: _Stash, ck_sha: str, results: str | Path,
+              progress: bool) -> tuple[dict[str, Any], str]:
+    """The spectrum of one checkpoint, from the stash or computed; its eigenvectors and key."""
+    step = ctx.step
+    key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
+    files = stash.files("spectrum", ["spectrum", "eigvecs"], step)
+    files["eigvecs"] = files["eigvecs"].with_suffix(".pt")
+    if not stash.valid("spectrum", step, key, list(files.values())):
+        table, vecs = spectrum_mod.compute(ctx, cfg, previous, progress=progress, log=ctx.log)
+        save_torch(files["eigvecs"], vecs)
+        write_parquet(files["spectrum"], table)
+        stash.seal("spectrum", step, key)
+    else:
+        ctx.log(f"[{ctx.run_name}] step {step}: spectrum reused from the stash")
+    out_table, out_vecs = spectrum_paths(results, ctx.run_name, step)
+    _publish(files["spectrum"], out_table)
+    _publish(files["eigvecs"], out_vecs)
+    ctx.with_eigvecs(out_vecs)
+    assert ctx.eigvecs is not None
+    return ctx.eigvecs, key
 
 
 def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum_key: str, ck_sha: str,
-                  results: str | Path) -> None:
+                  results: str | Path) -> dict[str, Path]:
+    """One analysis of one checkpoint, from the stash or computed; its published tables by kind."""
     a, step = plan.analysis, ctx.step
     key = _key(a.name, dump_json(plan.config), a.format_version, ck_sha, spectrum_key)
     files = stash.files(a.name, a.tables, step)
@@ -179,8 +204,10 @@ def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum
         stash.seal(a.name, step, key)
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: {a.name} reused from the stash")
-    for kind, dst in analysis_paths(results, ctx.run_name, a, step).items():
+    published = analysis_paths(results, ctx.run_name, a, step)
+    for kind, dst in published.items():
         _publish(files[kind], dst)
+    return published
 
 
 def compute_tables(a: Analysis, ctx: CheckpointContext, cfg: BaseModel) -> dict[str, pd.DataFrame]:

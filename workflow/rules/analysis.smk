@@ -1,56 +1,66 @@
-# analyse: one job per warm-start chain of a run (spectrum.warm_chain consecutive checkpoints): the
-# spectrum of each checkpoint in order, warm-started from the one before, then every registered
-# analysis (sharpflow/analyses) selected at that checkpoint, in the same process. Every checkpoint
-# keeps its own output files; a killed or rerun job reuses what it already computed (the run's
-# analysis stash). aggregate: one Parquet per run and table kind.
+# analyse: per run, one job (resources.chains_per_job: 0) or several, each running warm-start chains
+# (spectrum.warm_chain consecutive checkpoints) in step order: the spectrum of each checkpoint,
+# warm-started from the one before in its chain, then every registered analysis (sharpflow/analyses)
+# selected at that checkpoint, in the same process. Every checkpoint keeps its own output files; a
+# killed or rerun job reuses what it already computed (the run's analysis stash). A job that covers
+# the whole run also writes its aggregated tables; otherwise an aggregate job per run does.
 
 for _run in ANALYSED:
-    for _i, _chain in enumerate(CHAINS[_run]):
+    for _i, _job in enumerate(JOBS[_run]):
 
         rule:
             name:
-                rule_name("analyse", _run) + f"_c{_i}"
+                job_name(_run, _i)
             input:
-                checkpoints=[ckpt_path(_run, s) for s in _chain],
+                checkpoints=[ckpt_path(_run, s) for s in job_steps(_job)],
                 data=data_files(RUNS[_run].dataset),
             output:
-                chain_outputs(_run, _chain),
+                job_outputs(_run, _job),
             params:
                 spectrum=SPEC_JSON[_run],
-                analyses=chain_plan_json(_run, _chain),
+                analyses=job_plan_json(_run, _job),
                 run=RUN_JSON[_run],
                 name=_run,
+                starts=" ".join(str(chain[0]) for chain in _job),
+                aggregate="--aggregate" if _run not in SPLIT else "",
                 data=lambda w, input: parent(input.data[0]),
                 results=R,
+                timing=f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.json",
                 version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
             conda:
                 ENV
             log:
-                f"{R}/logs/analyse/{_run}/chain{_i:03d}.log",
+                f"{R}/logs/analyse/{_run}/job{_i:03d}.log",
             benchmark:
-                f"{R}/benchmarks/analyse/{_run}/chain{_i:03d}.tsv"
-            threads: chain_resources(_run, _chain)["threads"]
+                f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.tsv"
+            threads: job_resources(_run, _job)["threads"]
             resources:
-                **{k: v for k, v in chain_resources(_run, _chain).items() if k != "threads"},
+                **{k: v for k, v in job_resources(_run, _job).items() if k != "threads"},
             shell:
                 "sharpflow analyse --no-progress --threads {threads} --spectrum {params.spectrum:q} "
                 "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "
-                "--data {params.data:q} --results {params.results:q} {input.checkpoints:q} 2> {log:q}"
+                "--data {params.data:q} --results {params.results:q} --chain-starts {params.starts} "
+                "{params.aggregate} --timing {params.timing:q} {input.checkpoints:q} 2> {log:q}"
 
 
-for _kind in TABLE_KINDS:
+for _run in SPLIT:
 
     rule:
         name:
-            f"aggregate_{_kind}"
+            rule_name("aggregate", _run)
         input:
-            per_checkpoint(_kind),
+            [path for kind in TABLE_KINDS if (_run, kind) in TABLE_STEPS for path in per_checkpoint(_run, kind)],
         output:
-            f"{R}/runs/{{run}}/{_kind}.parquet",
+            aggregated(_run),
+        params:
+            out=f"{R}/runs/{_run}",
+            timing=f"{R}/benchmarks/aggregate/{_run}.json",
         conda:
             ENV
         log:
-            f"{R}/logs/aggregate/{{run}}/{_kind}.log",
+            f"{R}/logs/aggregate/{_run}.log",
+        benchmark:
+            f"{R}/benchmarks/aggregate/{_run}.tsv"
         localrule: True
         shell:
-            "sharpflow aggregate --out {output:q} {input:q} 2> {log:q}"
+            "sharpflow aggregate --out-dir {params.out:q} --timing {params.timing:q} {input:q} 2> {log:q}"

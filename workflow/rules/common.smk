@@ -67,8 +67,17 @@ def _chains(run):
     return [steps[i : i + size] for i in range(0, len(steps), size)]
 
 
+def _jobs(run):
+    """The run's chains grouped into analysis jobs of resources.chains_per_job (0: one job)."""
+    chains, size = CHAINS[run], RES.chains_per_job or len(CHAINS[run])
+    return [chains[i : i + size] for i in range(0, len(chains), size)]
+
+
 PLAN = {run: _plan(run) for run in ANALYSED}
 CHAINS = {run: _chains(run) for run in ANALYSED}
+JOBS = {run: _jobs(run) for run in ANALYSED}
+#: runs whose analysis is split over several jobs: their aggregated tables need a job of their own.
+SPLIT = [run for run in ANALYSED if len(JOBS[run]) > 1]
 #: (run, table kind) -> the steps that have that table (spectrum: every checkpoint of an analysed run).
 TABLE_STEPS = {}
 for _run in ANALYSED:
@@ -109,31 +118,47 @@ def spectrum_files(run, step):
     return [f"{R}/runs/{run}/spectrum/step{step:08d}.parquet", f"{R}/runs/{run}/eigvecs/step{step:08d}.pt"]
 
 
-def chain_outputs(run, chain):
-    """Every per-checkpoint file an analysis job (one warm-start chain) writes."""
-    out = [path for step in chain for path in spectrum_files(run, step)]
-    for name, (_, steps) in PLAN[run].items():
+def job_steps(job):
+    return [step for chain in job for step in chain]
+
+
+def job_name(run, i):
+    return rule_name("analyse", run) + (f"_j{i}" if len(JOBS[run]) > 1 else "")
+
+
+def aggregated(run):
+    """The run's aggregated tables (one per table kind it has)."""
+    return [f"{R}/runs/{run}/{kind}.parquet" for kind in TABLE_KINDS if (run, kind) in TABLE_STEPS]
+
+
+def job_outputs(run, job):
+    """Every per-checkpoint file an analysis job writes, and the aggregated tables if it covers the run."""
+    steps = job_steps(job)
+    out = [path for step in steps for path in spectrum_files(run, step)]
+    for name, (_, selected) in PLAN[run].items():
         a = ANALYSES[name]
-        out += [a.path(R, run, kind, step) for step in chain if step in steps for kind in a.tables]
-    return out
+        out += [a.path(R, run, kind, step) for step in steps if step in selected for kind in a.tables]
+    return out + (aggregated(run) if run not in SPLIT else [])
 
 
-def chain_plan_json(run, chain):
-    """The analyses of one chain, as passed to `sharpflow analyse --analyses` (and a params trigger)."""
+def job_plan_json(run, job):
+    """The analyses of one job, as passed to `sharpflow analyse --analyses` (and a params trigger)."""
+    steps = job_steps(job)
     plan = {}
-    for name, (section, steps) in PLAN[run].items():
-        here = [s for s in chain if s in steps]
+    for name, (section, selected) in PLAN[run].items():
+        here = [s for s in steps if s in selected]
         if here:
             plan[name] = {"config": section.model_dump(mode="json"), "steps": here}
     return dump_json_dict(plan)
 
 
-def chain_resources(run, chain):
-    """Most threads, memory and GPUs of the sections a chain runs; runtime summed over checkpoints."""
-    sections = [RES.spectrum] + [getattr(RES, name) for name in json.loads(chain_plan_json(run, chain))]
-    runtime = len(chain) * RES.spectrum.runtime
-    for name, (_, steps) in PLAN[run].items():
-        runtime += sum(1 for s in chain if s in steps) * getattr(RES, name).runtime
+def job_resources(run, job):
+    """Most threads, memory and GPUs of the sections a job runs; runtime summed over checkpoints."""
+    steps = job_steps(job)
+    sections = [RES.spectrum] + [getattr(RES, name) for name in json.loads(job_plan_json(run, job))]
+    runtime = len(steps) * RES.spectrum.runtime
+    for name, (_, selected) in PLAN[run].items():
+        runtime += sum(1 for s in steps if s in selected) * getattr(RES, name).runtime
     return {
         "threads": max(r.threads for r in sections),
         "mem_mb": max(r.mem_mb for r in sections),
@@ -143,12 +168,12 @@ def chain_resources(run, chain):
     }
 
 
-def per_checkpoint(kind):
-    """Input function: a run's per-checkpoint tables of one kind, in step order."""
+def per_checkpoint(run, kind):
+    """A run's per-checkpoint tables of one kind, in step order."""
     if kind == "spectrum":
-        return lambda w: [f"{R}/runs/{w.run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(w.run, kind)]]
+        return [f"{R}/runs/{run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(run, kind)]]
     a = ANALYSES[[name for name, an in ANALYSES.items() if kind in an.tables][0]]
-    return lambda w: [a.path(R, w.run, kind, s) for s in TABLE_STEPS[(w.run, kind)]]
+    return [a.path(R, run, kind, s) for s in TABLE_STEPS[(run, kind)]]
 
 
 def parent(path, levels=1):
@@ -168,9 +193,7 @@ import sharpflow.tables
 
 def run_outputs(run):
     """The final outputs of one run: metrics, plus its aggregated tables if analysed."""
-    out = [f"{R}/runs/{run}/metrics.parquet"]
-    out += [f"{R}/runs/{run}/{kind}.parquet" for kind in TABLE_KINDS if (run, kind) in TABLE_STEPS]
-    return out
+    return [f"{R}/runs/{run}/metrics.parquet", *aggregated(run)]
 
 
 def study_runs(studies):

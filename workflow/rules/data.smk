@@ -12,6 +12,8 @@ rule prepare:
         ENV
     log:
         f"{R}/logs/prepare/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/prepare/{{dataset}}.tsv"
     localrule: True  # downloads need the network, which compute nodes often lack
     resources:
         mem_mb=4000,

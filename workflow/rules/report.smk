@@ -23,14 +23,17 @@ for _name, _fig in CFG.figures.items():
         params:
             spec=presentation_spec(_fig),
             kind=_fig.kind,
+            timing=f"{R}/benchmarks/figure/{_name}.json",
         conda:
             ENV
         log:
             f"{R}/logs/figure/{_name}.log",
+        benchmark:
+            f"{R}/benchmarks/figure/{_name}.tsv"
         localrule: True
         shell:
             "sharpflow figure {params.kind} --spec {params.spec:q} --out-pdf {output.pdf:q} "
-            "--out-png {output.png:q} {input.tables:q} 2> {log:q}"
+            "--out-png {output.png:q} --timing {params.timing:q} {input.tables:q} 2> {log:q}"
 
     ALL_TARGETS += [f"{R}/figures/{_name}.pdf", f"{R}/figures/{_name}.png"]
 
@@ -54,13 +57,43 @@ for _name, _tab in CFG.tables.items():
         params:
             spec=presentation_spec(_tab),
             kind=_tab.kind,
+            timing=f"{R}/benchmarks/table/{_name}.json",
         conda:
             ENV
         log:
             f"{R}/logs/table/{_name}.log",
+        benchmark:
+            f"{R}/benchmarks/table/{_name}.tsv"
         localrule: True
         shell:
             "sharpflow table {params.kind} --spec {params.spec:q} --out-md {output.md:q} "
-            "--out-tex {output.tex:q} --out-csv {output.csv:q} {input.tables:q} 2> {log:q}"
+            "--out-tex {output.tex:q} --out-csv {output.csv:q} --timing {params.timing:q} {input.tables:q} "
+            "2> {log:q}"
 
     ALL_TARGETS += [f"{R}/tables/{_name}.{ext}" for ext in ("md", "tex", "csv")]
+
+
+# cost: where the time went, per stage, from every job's benchmark file (after everything else).
+rule cost:
+    input:
+        list(ALL_TARGETS),
+    output:
+        md=f"{R}/tables/cost.md",
+        csv=report(
+            f"{R}/tables/cost.csv",
+            caption=os.path.join(workflow.basedir, "workflow/report/cost.rst"),
+            category="Cost",
+            labels={"table": "cost", "kind": "cost"},
+        ),
+    params:
+        results=R,
+    conda:
+        ENV
+    log:
+        f"{R}/logs/cost.log",
+    localrule: True
+    shell:
+        "sharpflow cost --results {params.results:q} --out-md {output.md:q} --out-csv {output.csv:q} 2> {log:q}"
+
+
+ALL_TARGETS += [f"{R}/tables/cost.md", f"{R}/tables/cost.csv"]
