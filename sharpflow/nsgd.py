@@ -231,31 +231,12 @@ class NudgedSGD(torch.optim.Optimizer):
 
     def _nudged_step(self, gamma: float, variant: str) -> None:
         """The γ ≠ 1 update: one concatenation, two (k, D) mat-vecs per correction."""
-        e = self._subspace
-        assert e is not None
         entries = self._trainable()
         params = [p for _, p in entries]
         sizes = [p.numel() for p in params]
-        if sum(sizes) != e.shape[1]:
-            raise ValueError(
-                f"subspace has D={e.shape[1]} columns but the trainable parameters now have "
-                f"D={sum(sizes)}; set the subspace again"
-            )
-        if e.device != params[0].device or e.dtype != params[0].dtype:
-            # The model moved (e.g. .to("cuda")) after set_subspace: follow it, once.
-            e = self._subspace = e.to(device=params[0].device, dtype=params[0].dtype)
+        e = self._subspace_for(params, sizes)
 
-        # g = ∇L + wd·θ per parameter (None: no gradient, the parameter stays put).
-        d_p: list[Tensor | None] = []
-        for group, p in entries:
-            if p.grad is None:
-                d_p.append(None)
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("NudgedSGD with a subspace does not support sparse gradients")
-            wd = group["weight_decay"]
-            d_p.append(p.grad.add(p, alpha=wd) if wd != 0 else p.grad)
-
+        d_p = self._decayed_grads(entries)
         flat_g: Tensor | None = None
         if variant in ("correct_g", "correct_both"):
             # g ← g + (γ − 1) Eᵀ(E g), in place on a fresh flat copy (addmv: no (D,) temporary).
@@ -265,7 +246,48 @@ class NudgedSGD(torch.optim.Optimizer):
                 None if d is None else v.view_as(p) for d, v, p in zip(d_p, flat_g.split(sizes), params, strict=True)
             ]
 
-        # Momentum exactly as torch.optim.SGD: b = g.clone() first, then b ← m·b + g.
+        u, any_momentum = self._momentum_update(entries, d_p)
+        if variant in ("correct_v", "correct_both"):
+            flat = flat_g if (flat_g is not None and not any_momentum) else _cat(u, params)
+            self._apply_projected(entries, u, flat, e, gamma)
+        else:
+            self._apply_plain(entries, u)
+
+    def _subspace_for(self, params: list[Tensor], sizes: list[int]) -> Tensor:
+        """The subspace, checked against the parameters' D and moved to their device and dtype."""
+        e = self._subspace
+        assert e is not None
+        if sum(sizes) != e.shape[1]:
+            raise ValueError(
+                f"subspace has D={e.shape[1]} columns but the trainable parameters now have "
+                f"D={sum(sizes)}; set the subspace again"
+            )
+        if e.device != params[0].device or e.dtype != params[0].dtype:
+            # The model moved (e.g. .to("cuda")) after set_subspace: follow it, once.
+            e = self._subspace = e.to(device=params[0].device, dtype=params[0].dtype)
+        return e
+
+    @staticmethod
+    def _decayed_grads(entries: list[tuple[dict[str, Any], Tensor]]) -> list[Tensor | None]:
+        """g = ∇L + wd·θ per parameter (None: no gradient, the parameter stays put)."""
+        d_p: list[Tensor | None] = []
+        for group, p in entries:
+            if p.grad is None:
+                d_p.append(None)
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("NudgedSGD with a subspace does not support sparse gradients")
+            wd = group["weight_decay"]
+            d_p.append(p.grad.add(p, alpha=wd) if wd != 0 else p.grad)
+        return d_p
+
+    def _momentum_update(
+        self, entries: list[tuple[dict[str, Any], Tensor]], d_p: list[Tensor | None]
+    ) -> tuple[list[Tensor | None], bool]:
+        """Momentum exactly as torch.optim.SGD: b = g.clone() first, then b ← m·b + g.
+
+        Returns u per parameter (the buffer, or g itself without momentum) and whether any
+        buffer was used."""
         u: list[Tensor | None] = []
         any_momentum = False
         for (group, p), d in zip(entries, d_p, strict=True):
@@ -282,26 +304,38 @@ class NudgedSGD(torch.optim.Optimizer):
             else:
                 buf.mul_(m).add_(d)
             u.append(buf)
+        return u, any_momentum
 
-        if variant in ("correct_v", "correct_both"):
-            # Δθ = v + (γ−1) Eᵀ(E v) with v = −lr·u, built in place on a fresh flat copy of u.
-            # One group: P u, then −lr on the way into θ. Several: v = −lr_group·u group by group
-            # first (a group's entries are contiguous in the flat order), then P v.
-            flat = flat_g if (flat_g is not None and not any_momentum) else _cat(u, params)
-            sized = self._group_sizes(entries)
-            alpha = -sized[0][0]["lr"] if len(sized) == 1 else 1.0
-            if len(sized) > 1:
-                start = 0
-                for group, n in sized:
-                    flat[start : start + n].mul_(-group["lr"])
-                    start += n
-            flat.addmv_(e.T, torch.mv(e, flat).mul_(gamma - 1.0))
-            moved = [(p, dv.view_as(p)) for p, dv, x in zip(params, flat.split(sizes), u, strict=True) if x is not None]
-            if moved:
-                torch._foreach_add_([p for p, _ in moved], [dv for _, dv in moved], alpha=alpha)
-            return
+    def _apply_projected(
+        self,
+        entries: list[tuple[dict[str, Any], Tensor]],
+        u: list[Tensor | None],
+        flat: Tensor,
+        e: Tensor,
+        gamma: float,
+    ) -> None:
+        """correct_v / correct_both: Δθ = v + (γ−1) Eᵀ(E v) with v = −lr·u, built in place on
+        ``flat``, a fresh flat copy of u.
 
-        # correct_g: θ ← θ − lr·u, one foreach add per group (few kernel launches on a GPU).
+        One group: P u, then −lr on the way into θ. Several: v = −lr_group·u group by group
+        first (a group's entries are contiguous in the flat order), then P v."""
+        params = [p for _, p in entries]
+        sizes = [p.numel() for p in params]
+        sized = self._group_sizes(entries)
+        alpha = -sized[0][0]["lr"] if len(sized) == 1 else 1.0
+        if len(sized) > 1:
+            start = 0
+            for group, n in sized:
+                flat[start : start + n].mul_(-group["lr"])
+                start += n
+        flat.addmv_(e.T, torch.mv(e, flat).mul_(gamma - 1.0))
+        moved = [(p, dv.view_as(p)) for p, dv, x in zip(params, flat.split(sizes), u, strict=True) if x is not None]
+        if moved:
+            torch._foreach_add_([p for p, _ in moved], [dv for _, dv in moved], alpha=alpha)
+
+    @staticmethod
+    def _apply_plain(entries: list[tuple[dict[str, Any], Tensor]], u: list[Tensor | None]) -> None:
+        """correct_g: θ ← θ − lr·u, one foreach add per group (few kernel launches on a GPU)."""
         per_group: dict[int, tuple[float, list[Tensor], list[Tensor]]] = {}
         for (group, p), x in zip(entries, u, strict=True):
             if x is not None:

@@ -308,3 +308,62 @@ def test_extreme_numbers_are_rejected_or_kept_finite():
     with pytest.raises(ConfigError, match=r"optimizer\.lr"):
         parse_config(raw)
 
+
+
+def test_a_killed_analysis_job_resumes_where_it_stopped(trained, tiny_data, tmp_path):
+    """An analysis job interrupted after its second checkpoint reruns from the stash: the finished
+    checkpoints are reused, the rest computed, and every file equals an uninterrupted job's."""
+    from sharpflow.analyses import REGISTRY
+    from sharpflow.analyses.stage import Planned, run_chain
+
+    run, out = trained
+    cks = sorted((out / "checkpoints").glob("*.pt"))[:4]
+    steps = [int(p.stem.removeprefix("step")) for p in cks]
+    plans = [Planned(REGISTRY["project"], PROJ, set(steps))]
+    kw = {"run_name": "r", "data_dir": tiny_data, "checkpoints": cks, "spectrum": SPEC, "analyses": plans,
+          "chain_starts": [steps[0], steps[2]], "aggregate": True}
+
+    run_chain(run, results=tmp_path / "ref", log=_quiet, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(msg: str) -> None:
+        if msg.startswith("[r] checkpoint 2 of"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_chain(run, results=tmp_path / "got", log=kill_after_two, **kw)
+    assert not (tmp_path / "got" / "runs" / "r" / "spectrum.parquet").exists()
+    lines: list[str] = []
+    run_chain(run, results=tmp_path / "got", log=lines.append, **kw)
+    reused = [m for m in lines if "reused from the stash" in m]
+    assert len(reused) == 4 and all(f"step {s}:" in " ".join(reused) for s in steps[:2])  # spectrum + project
+    assert not any(f"step {s}: spectrum reused" in m for s in steps[2:] for m in lines)
+    ref_files = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*")
+                       if p.is_file() and ".analysis" not in p.parts)
+    assert len(ref_files) == 2 * len(steps) + 4 * len(steps) + 5  # spectrum+eigvecs, 4 project, 5 aggregated
+    for rel in ref_files:
+        a, b = tmp_path / "ref" / rel, tmp_path / "got" / rel
+        if rel.suffix == ".parquet":
+            pd.testing.assert_frame_equal(pd.read_parquet(a).drop(columns=["seconds"], errors="ignore"),
+                                          pd.read_parquet(b).drop(columns=["seconds"], errors="ignore"))
+        else:
+            assert a.read_bytes() == b.read_bytes(), rel
+
+
+def test_a_stale_stash_entry_is_recomputed_not_reused(trained, tiny_data, tmp_path):
+    """The stash key covers the config: another k recomputes the spectrum; the same config reuses it."""
+    from sharpflow.analyses.stage import run_chain
+
+    run, out = trained
+    cks = sorted((out / "checkpoints").glob("*.pt"))[:2]
+    kw = {"run_name": "r", "data_dir": tiny_data, "checkpoints": cks, "analyses": [], "results": tmp_path}
+    run_chain(run, spectrum=SPEC, log=_quiet, **kw)
+    lines: list[str] = []
+    run_chain(run, spectrum=SPEC.model_copy(update={"k": 2}), log=lines.append, **kw)
+    assert not any("reused" in m for m in lines)
+    assert len(pd.read_parquet(tmp_path / "runs" / "r" / "spectrum" / cks[0].with_suffix(".parquet").name)) == 2
+    lines.clear()
+    run_chain(run, spectrum=SPEC.model_copy(update={"k": 2}), log=lines.append, **kw)
+    assert sum("spectrum reused" in m for m in lines) == 2

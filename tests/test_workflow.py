@@ -163,21 +163,21 @@ def test_changing_lanczos_k_reruns_analysis_not_training(finished):
     cfg["spectrum"]["k"] = 4
     jobs = planned(work, cfg)
     assert not any(rule.startswith("train_") or rule == "prepare" for rule in jobs)
-    # one analysis job per run: its warm-start chain of 3 checkpoints (spectra, then project/escape)
-    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05_c0": 1, "analyse_eta__lr0p1_c0": 1, "analyse_other_c0": 1}
-    assert jobs["aggregate_spectrum"] == 3 and jobs["aggregate_alignment"] == 2  # the eta runs only
+    # one analysis job per run: its 3 checkpoints (spectra, then project/escape) and its aggregated tables
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05": 1, "analyse_eta__lr0p1": 1, "analyse_other": 1}
     assert {"figure_eta_grid", "figure_other_grid", "figure_alignment", "table_peak"} <= set(jobs)
 
 
 def test_changing_project_reruns_its_chains_and_reuses_their_spectra(finished, tmp_path):
-    """A project change reruns the analysis jobs of the runs it concerns; those jobs take the spectra
-    from the run's analysis stash (same bytes) and recompute only the project tables."""
+    """A project change reruns the analysis jobs of the runs it concerns (and the light jobs after
+    them); those jobs take the spectra and the escape ablation from the run's analysis stash (same
+    bytes) and recompute only the project tables."""
     work, cfg = finished
     cfg = copy.deepcopy(cfg)
     cfg["project"]["grad_batches"] = 3
     jobs = planned(work, cfg)
-    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05_c0": 1, "analyse_eta__lr0p1_c0": 1}
-    assert "aggregate_spectrum" not in jobs and "figure_eta_grid" not in jobs and "figure_alignment" in jobs
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p05": 1, "analyse_eta__lr0p1": 1}
+    assert not any(rule.startswith("train_") for rule in jobs) and "figure_other_grid" not in jobs
     # Run it on the finished tree, then restore that tree's config for the tests after this one.
     res = Path(cfg["results"])
     spectra = sorted((res / "runs" / "eta-lr0.1" / "spectrum").glob("*.parquet"))
@@ -186,7 +186,7 @@ def test_changing_project_reruns_its_chains_and_reuses_their_spectra(finished, t
     try:
         proc = snakemake(work, cfg)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        log = (res / "logs" / "analyse" / "eta-lr0.1" / "chain000.log").read_text()
+        log = (res / "logs" / "analyse" / "eta-lr0.1" / "job000.log").read_text()
         assert log.count("spectrum reused from the stash") == 3 and "escape reused from the stash" in log
         assert "project reused" not in log
         assert {p.name: p.read_bytes() for p in spectra} == before
@@ -202,8 +202,7 @@ def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
     cfg["studies"]["eta"]["sweep"]["optimizer.lr"].append(0.02)
     jobs = planned(work, cfg)
     assert [r for r in jobs if r.startswith("train_")] == ["train_eta__lr0p02"]
-    assert analyse_jobs(jobs) == {"analyse_eta__lr0p02_c0": 1}
-    assert jobs["aggregate_spectrum"] == 1 and jobs["aggregate_alignment"] == 1
+    assert analyse_jobs(jobs) == {"analyse_eta__lr0p02": 1}
     assert "figure_other_grid" not in jobs
     assert {"figure_eta_grid", "figure_alignment", "table_peak"} <= set(jobs)
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from . import style
 from ..results import Data, last_finite, varying
+from . import style
 
 DIM_COLUMNS = ("dim", "n_params", "num_params", "D")
 
@@ -31,17 +31,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     if len(al) == 0:
         return style.no_data("alignment", "no alignment rows")
     top = int(opts.get("top", 5))
-    eig = al[(al["kind"] == "eigen") & (al["rank"] <= top)]
-    keys_cols = ["run", "step", "epoch"]
-    mb = eig[eig["source"] == "minibatch"].groupby(keys_cols, as_index=False)["abs_cos"].mean()
-    fb = eig[eig["source"] == "full"].groupby(keys_cols, as_index=False)["abs_cos"].mean()
-    met = data.table("metrics")
-    if len(met):
-        train = met[met["split"] == "train"][["run", "step", "accuracy"]].drop_duplicates(["run", "step"])
-    else:
-        train = pd.DataFrame({"run": [], "step": [], "accuracy": []})
-    mb = mb.merge(train, on=["run", "step"], how="left")
-    fb = fb.merge(train, on=["run", "step"], how="left")
+    mb, fb = _gradient_means(data, al, top)
 
     runs = [r for r in data.runs if r in set(mb["run"]) | set(fb["run"])]
     if not runs:
@@ -54,44 +44,87 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     handles = []
     any_div = False
     for run in runs:
-        c = colours[run]
         div = data.divergence(run)
         any_div |= div is not None
         label = style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run), div is not None)
-        handles.append(style.style_handle(label, color=c, ls="-", marker="o", ms=3))
-        for table, ls, marker in ((mb, "-", "o"), (fb, "--", None)):
-            d = table[table["run"] == run].sort_values("step")
-            if len(d) == 0:
-                continue
-            y = d["abs_cos"].to_numpy(float)
-            for ax, x in ((ax_acc, 100 * d["accuracy"].to_numpy(float)), (ax_ep, d["epoch"].to_numpy(float))):
-                ok = np.isfinite(x) & np.isfinite(y)
-                ax.plot(x[ok], y[ok], ls=ls, color=c, marker=marker, ms=2.5, lw=1.1)
-            if div is not None and marker is not None:
-                x_ep = d["epoch"].to_numpy(float)
-                lf = last_finite(x_ep, y, before=div[1])
-                style.mark_divergence(ax_ep, div[1], lf[1] if lf else None, c)
-                lfa = last_finite(100 * d["accuracy"].to_numpy(float), y)
-                if lfa:
-                    style.mark_divergence(ax_acc, lfa[0], lfa[1], c)
+        handles.append(style.style_handle(label, color=colours[run], ls="-", marker="o", ms=3))
+        _draw_run(ax_acc, ax_ep, run, (mb, fb), colours[run], div)
 
+    extra = _reference_lines(al, (ax_acc, ax_ep))
+    if any_div:
+        extra.append(style.diverged_handle())
+
+    _label_axes(ax_acc, ax_ep, opts, top)
+    ax_ep.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    style.suptitle(fig, data, runs, opts, "Gradient alignment with the top Hessian eigenvectors")
+    return fig
+
+
+def _gradient_means(data: Data, al: pd.DataFrame, top: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean |cos| over e1..e_top per (run, step, epoch), mini-batch and full-batch, each with
+    the training accuracy of that step (NaN where metrics lack it)."""
+    eig = al[(al["kind"] == "eigen") & (al["rank"] <= top)]
+    keys_cols = ["run", "step", "epoch"]
+    mb = eig[eig["source"] == "minibatch"].groupby(keys_cols, as_index=False)["abs_cos"].mean()
+    fb = eig[eig["source"] == "full"].groupby(keys_cols, as_index=False)["abs_cos"].mean()
+    met = data.table("metrics")
+    if len(met):
+        train = met[met["split"] == "train"][["run", "step", "accuracy"]].drop_duplicates(["run", "step"])
+    else:
+        train = pd.DataFrame({"run": [], "step": [], "accuracy": []})
+    mb = mb.merge(train, on=["run", "step"], how="left")
+    fb = fb.merge(train, on=["run", "step"], how="left")
+    return mb, fb
+
+
+def _draw_run(ax_acc: Any, ax_ep: Any, run: str, tables: tuple[pd.DataFrame, pd.DataFrame], c: Any, div: Any) -> None:
+    """One run's mini-batch (solid, dots) and full-batch (dashed) curves on both axes, with the
+    divergence marks on the mini-batch curve."""
+    mb, fb = tables
+    for table, ls, marker in ((mb, "-", "o"), (fb, "--", None)):
+        d = table[table["run"] == run].sort_values("step")
+        if len(d) == 0:
+            continue
+        y = d["abs_cos"].to_numpy(float)
+        for ax, x in ((ax_acc, 100 * d["accuracy"].to_numpy(float)), (ax_ep, d["epoch"].to_numpy(float))):
+            ok = np.isfinite(x) & np.isfinite(y)
+            ax.plot(x[ok], y[ok], ls=ls, color=c, marker=marker, ms=2.5, lw=1.1)
+        if div is not None and marker is not None:
+            _mark_divergence(ax_acc, ax_ep, d, y, div, c)
+
+
+def _mark_divergence(ax_acc: Any, ax_ep: Any, d: pd.DataFrame, y: np.ndarray, div: Any, c: Any) -> None:
+    """The divergence marks of one curve: at the divergence epoch, and after the last finite accuracy."""
+    x_ep = d["epoch"].to_numpy(float)
+    lf = last_finite(x_ep, y, before=div[1])
+    style.mark_divergence(ax_ep, div[1], lf[1] if lf else None, c)
+    lfa = last_finite(100 * d["accuracy"].to_numpy(float), y)
+    if lfa:
+        style.mark_divergence(ax_acc, lfa[0], lfa[1], c)
+
+
+def _reference_lines(al: pd.DataFrame, axes: tuple[Any, Any]) -> list[Any]:
+    """The grey baselines (measured random, sqrt(2/(πD))) on both axes; returns the legend
+    handles: the two line styles, then one per baseline drawn."""
     extra = [style.style_handle("mini-batch g", ls="-", marker="o", ms=3),
              style.style_handle("full-batch g", ls="--")]
     rnd = al[(al["kind"] == "random") & (al["source"] == "minibatch")]["abs_cos"].to_numpy(float)
     if np.isfinite(rnd).any():
         level = float(np.nanmean(rnd))
-        for ax in (ax_acc, ax_ep):
+        for ax in axes:
             ax.axhline(level, color="0.45", ls="-.", lw=1.0)
         extra.append(style.style_handle("random direction (measured)", ls="-.", color="0.45"))
     dims = _dims(al)
     for dim in dims:
-        for ax in (ax_acc, ax_ep):
+        for ax in axes:
             ax.axhline(math.sqrt(2 / (math.pi * dim)), color="0.45", ls=":", lw=1.0)
     if dims:
         extra.append(style.style_handle("$\\sqrt{2/(\\pi D)}$", ls=":", color="0.45"))
-    if any_div:
-        extra.append(style.diverged_handle())
+    return extra
 
+
+def _label_axes(ax_acc: Any, ax_ep: Any, opts: dict[str, Any], top: int) -> None:
+    """Scale and labels; a note on the accuracy panel when no curve has a point there."""
     if not any(len(line.get_xdata()) for line in ax_acc.lines if line.get_linestyle() in ("-", "--")):
         ax_acc.text(0.5, 0.5, "no training accuracy at these steps", ha="center", va="center",
                     color="0.4", transform=ax_acc.transAxes)
@@ -101,9 +134,6 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_acc.set_xlabel("training accuracy (%)")
     ax_ep.set_xlabel("epoch")
     ax_acc.set_ylabel(f"mean |cos(g, $e_i$)|, i ≤ {top}")
-    ax_ep.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    style.suptitle(fig, data, runs, opts, "Gradient alignment with the top Hessian eigenvectors")
-    return fig
 
 
 def _dims(al: pd.DataFrame) -> list[int]:
