@@ -86,7 +86,7 @@ rule cost:
             labels={"table": "cost", "kind": "cost"},
         ),
     params:
-        results=R,
+        results=lambda w, output: parent(output.md, 2),
     conda:
         ENV
     log:
