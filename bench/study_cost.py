@@ -18,8 +18,17 @@ from pathlib import Path
 
 import torch
 
-from sharpflow.config import checkpoint_steps, expand_runs, load_config, project_config, spectrum_config, total_steps
-from sharpflow.models import build_model, num_parameters
+from sharpflow.config import (
+    analysis_config,
+    checkpoint_steps,
+    expand_runs,
+    load_config,
+    spectrum_config,
+    study_of,
+    total_steps,
+)
+from sharpflow.models import build_model
+from sharpflow.params import num_params as num_parameters
 
 SHAPES = {  # (input shape, classes) per dataset source
     "mnist1d": ((40,), 10),
@@ -63,7 +72,7 @@ def main() -> None:
             dims[key] = num_parameters(build_model(run.model, shape, classes))
         d = dims[key]
         steps = checkpoint_steps(run, ds)
-        study = name.split("-", 1)[0]
+        study = study_of(name)
         disk["checkpoints"] += len(steps) * d * 4
         jobs["train"] += 1
         n_train = run.train_subset or ds.train_size()
@@ -75,7 +84,7 @@ def main() -> None:
             disk["eigenvectors"] += len(steps) * sp.k * d * (2 if sp.eigvec_dtype == "float16" else 4)
             jobs["spectrum"] += len(steps)
             gpu_s[f"spectrum {study}"] += len(steps) * a.analysis_seconds
-            if project_config(cfg, name).enabled:
+            if analysis_config(cfg, "project", name).enabled:
                 jobs["project"] += len(steps)
                 gpu_s[f"project {study}"] += len(steps) * a.analysis_seconds
     print(f"{a.config}: {len(runs)} runs; parameters: " + ", ".join(f"{m}/{s} {d:,}" for (m, s), d in dims.items()))

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharpflow.config import ModelConfig
-from sharpflow.params import num_params
 
 Shape = tuple[int, ...]
 
@@ -507,8 +506,3 @@ def count_correct_each(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     sizes = torch.tensor([t.numel() for _, t in flat], device=device)
     owner = torch.repeat_interleave(torch.arange(len(flat), device=device), sizes)
     return torch.zeros(len(flat), dtype=torch.long, device=device).index_add_(0, owner, hits)
-
-
-def num_parameters(model: nn.Module) -> int:
-    """D, the number of trainable scalars (the length of every flat vector)."""
-    return num_params(model)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpflow.config import MODEL_NAMES, ModelConfig
-from sharpflow.models import REGISTRY, build_model, count_correct, loss_fn, num_parameters
+from sharpflow.models import REGISTRY, build_model, count_correct, loss_fn
+from sharpflow.params import num_params as num_parameters
 
 
 def conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:

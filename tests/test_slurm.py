@@ -90,10 +90,10 @@ def dry_run(tmp_path: Path, env: dict[str, str]) -> str:
 def test_slurm_profile_submits_a_chain_as_one_analysis_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
     out = dry_run(tmp_path, env)
-    assert out.count("rule analyse_tiny_c0:") == 1 and "Group job" not in out
-    job = out.split("rule analyse_tiny_c0:", 1)[1].split("\n\n", 1)[0]
-    for step in CHECKPOINTS:
-        assert f"spectrum/step{step:08d}.parquet" in job and f"project/alignment/step{step:08d}.parquet" in job
+    assert out.count("rule analyse_tiny:") == 1 and "Group job" not in out
+    job = out.split("rule analyse_tiny:", 1)[1].split("\n\n", 1)[0]
+    assert "runs/tiny/spectrum.parquet" in job and "runs/tiny/alignment.parquet" in job
+    assert "--chain-starts 0 " in job or "checkpoints/step00000040.pt" in job
     # Nothing site-specific leaks in when the environment does not ask for it.
     assert "slurm_partition=" not in out and "slurm_account=" not in out
 
@@ -184,7 +184,7 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     jobs = [j for j in slurm_cluster.jobs() if j["name"] == run_id.group(1)]
     comments = sorted(j["comment"] for j in jobs)
     assert len(jobs) == 2, jobs
-    assert comments[0] == "rule_analyse_tiny_c0", comments
+    assert comments[0] == "rule_analyse_tiny", comments
     assert comments[1] == "rule_train_tiny", comments
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
     for job in jobs:  # gpu: 0 in the config means no GPU request at all
@@ -215,14 +215,14 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     # not), GPUs through --gpus. This cluster has no GPU, so sbatch refuses at once; its logged call is checked.
     gpu_cfg = write_config(tmp_path, "gpu.yaml", gpu=1, threads=2)
     gpu_cmd = snakemake_cmd(slurm_dir, gpu_cfg, "--workflow-profile", str(SLURM_PROFILE), "--verbose",
-                            "--forcerun", "analyse_tiny_c0", "--until", "analyse_tiny_c0",
+                            "--forcerun", "analyse_tiny", "--until", "analyse_tiny",
                             "--retries", "0", "--slurm-init-seconds-before-status-checks", "2")
     proc = subprocess.run(gpu_cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     calls = [line for line in out.splitlines() if line.startswith("sbatch call:")]
     assert proc.returncode != 0 and len(calls) == 1, out[-6000:]
     flags = calls[0].split(" --wrap=", 1)[0].split()
-    assert "analyse_tiny_c0" in calls[0] and "--gpus=1" in flags and "--cpus-per-task=2" in flags, flags
+    assert "analyse_tiny" in calls[0] and "--gpus=1" in flags and "--cpus-per-task=2" in flags, flags
     n_sections = 2 * len(CHECKPOINTS)  # a spectrum and a project analysis per checkpoint
     assert flags[flags.index("-t") + 1] == str(n_sections * RUNTIME) and flags[flags.index("--mem") + 1] == "500"
     assert len(slurm_cluster.jobs()) == len(jobs)  # refused by sbatch: nothing queued

@@ -143,7 +143,7 @@ def test_figure_style_change_reruns_that_figure_alone(finished):
     work, cfg = finished
     cfg = copy.deepcopy(cfg)
     cfg["figures"]["eta_grid"]["style"] = {"dpi": 90}
-    assert planned(work, cfg) == {"figure_eta_grid": 1, "all": 1}
+    assert planned(work, cfg) == {"figure_eta_grid": 1, "cost": 1, "all": 1}  # cost: the new benchmark
 
 
 def test_editing_a_plotting_module_reruns_the_figures_it_draws(finished):
@@ -152,7 +152,7 @@ def test_editing_a_plotting_module_reruns_the_figures_it_draws(finished):
     original = module.read_text()
     try:
         module.write_text(original + "\n# an edit to the plotting code\n")
-        assert planned(work, cfg) == {"figure_alignment": 1, "all": 1}
+        assert planned(work, cfg) == {"figure_alignment": 1, "cost": 1, "all": 1}
     finally:
         module.write_text(original)
 
@@ -205,6 +205,43 @@ def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
     assert analyse_jobs(jobs) == {"analyse_eta__lr0p02": 1}
     assert "figure_other_grid" not in jobs
     assert {"figure_eta_grid", "figure_alignment", "table_peak"} <= set(jobs)
+
+
+def test_splitting_a_run_over_analysis_jobs_changes_no_number(tmp_path):
+    """resources.chains_per_job is scheduling only: a run analysed by several jobs (one per warm-start
+    chain, then an aggregate job) gives the same tables and eigenvectors as one job for the run."""
+    from sharpflow.analyses.stage import spectrum_paths
+
+    def config(results: Path, per_job: int) -> dict:
+        cfg = tiny_config(results)
+        cfg["studies"] = {"eta": {"sweep": {"optimizer.lr": [0.1]}}}
+        cfg["spectrum"]["warm_chain"] = 2  # checkpoints 0, 16, 32: chains [0, 16] and [32]
+        cfg["resources"] = {"chains_per_job": per_job}
+        cfg["figures"], cfg["tables"] = {}, {}
+        return cfg
+
+    trees = {}
+    for per_job in (0, 1):
+        work = tmp_path / f"per_job{per_job}"
+        work.mkdir()
+        cfg = config(work / "results", per_job)
+        jobs = planned(work, cfg)
+        if per_job:
+            assert analyse_jobs(jobs) == {"analyse_eta__lr0p1_j0": 1, "analyse_eta__lr0p1_j1": 1}
+            assert jobs["aggregate_eta__lr0p1"] == 1
+        else:
+            assert analyse_jobs(jobs) == {"analyse_eta__lr0p1": 1} and not any(r.startswith("aggregate") for r in jobs)
+        proc = snakemake(work, cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        trees[per_job] = Path(cfg["results"]) / "runs" / "eta-lr0.1"
+    for kind in ("spectrum", "alignment", "cross_sections", "widths", "decomposed", "escape"):
+        a, b = (pd.read_parquet(trees[j] / f"{kind}.parquet") for j in (0, 1))
+        pd.testing.assert_frame_equal(a.drop(columns=["seconds"], errors="ignore"),
+                                      b.drop(columns=["seconds"], errors="ignore"), check_exact=True, obj=kind)
+    assert pd.read_parquet(trees[1] / "spectrum.parquet").groupby("step").warm.first().tolist() == [False, True, False]
+    for step in (0, 16, 32):
+        rel = spectrum_paths("", "eta-lr0.1", step)[1].relative_to("runs/eta-lr0.1")
+        assert (trees[0] / rel).read_bytes() == (trees[1] / rel).read_bytes()
 
 
 def test_no_change_rerun_is_fast(finished):

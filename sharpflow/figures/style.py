@@ -35,7 +35,6 @@ ROW_HEIGHT = 2.0  # inches per row of panels
 
 #: units, so every axis label says what it measures.
 EIG_UNIT = "nats/param²"  # Hessian eigenvalues: loss (nats) per squared parameter unit
-LOSS_UNIT = "nats"
 
 #: symbols of the run settings, for legends.
 SYMBOL = {"lr": "η", "batch_size": "S", "gamma": "γ", "k": "K", "momentum": "μ", "seed": "seed",

@@ -24,7 +24,7 @@ for _run in ANALYSED:
                 starts=" ".join(str(chain[0]) for chain in _job),
                 aggregate="--aggregate" if _run not in SPLIT else "",
                 data=lambda w, input: parent(input.data[0]),
-                results=lambda w, output: parent(output[0], 4),
+                results=results_root(3 if _run not in SPLIT else 4),
                 timing=f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.json",
                 version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
             conda:

@@ -132,13 +132,18 @@ def aggregated(run):
 
 
 def job_outputs(run, job):
-    """Every per-checkpoint file an analysis job writes, and the aggregated tables if it covers the run."""
+    """The declared outputs of an analysis job: the run's aggregated tables when the job covers the
+    run (its per-checkpoint files are written too, but only the job reads them, so the DAG need not
+    know them: thousands fewer files to resolve at paper scale); else every per-checkpoint file, for
+    the run's aggregate job."""
+    if run not in SPLIT:
+        return aggregated(run)
     steps = job_steps(job)
     out = [path for step in steps for path in spectrum_files(run, step)]
     for name, (_, selected) in PLAN[run].items():
         a = ANALYSES[name]
         out += [a.path(R, run, kind, step) for step in steps if step in selected for kind in a.tables]
-    return out + (aggregated(run) if run not in SPLIT else [])
+    return out
 
 
 def job_plan_json(run, job):
@@ -174,6 +179,12 @@ def per_checkpoint(run, kind):
         return [f"{R}/runs/{run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(run, kind)]]
     a = ANALYSES[[name for name, an in ANALYSES.items() if kind in an.tables][0]]
     return [a.path(R, run, kind, s) for s in TABLE_STEPS[(run, kind)]]
+
+
+def results_root(levels):
+    """Parameter function: the results root, ``levels`` directories above a job's first output
+    (runs/{run}/{kind}.parquet: 3; runs/{run}/spectrum/step*.parquet: 4)."""
+    return lambda w, output: parent(output[0], levels)
 
 
 def parent(path, levels=1):
