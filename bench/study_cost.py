@@ -3,8 +3,9 @@
 Disk is exact up to file-format overhead: parameter counts come from building each model, and
 every scheduled checkpoint (float32 state dict) and eigenvector file (k × D in the configured
 dtype) is counted. GPU time is a rough model: ``--epoch-seconds`` per model (measured or assumed
-per-epoch training time on your GPU) times epochs, plus ``--analysis-seconds`` per spectrum /
-project job.
+per-epoch training time on your GPU) times epochs, plus ``--analysis-seconds`` per spectrum or
+project analysis of one checkpoint. Jobs: one train job per run, one analysis job per analysed run
+(``resources.chains_per_job: 0``) or per ``chains_per_job`` warm-start chains of it.
 
     python bench/study_cost.py config/paper.yaml
     python bench/study_cost.py config/config.yaml --epoch-seconds cnn1d=0.2
@@ -13,6 +14,7 @@ project job.
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--epoch-seconds", nargs="*", default=[], metavar="MODEL=S",
                     help="override the assumed seconds per epoch of a model")
     ap.add_argument("--analysis-seconds", type=float, default=10.0,
-                    help="assumed GPU seconds per spectrum or project job (incl. start-up)")
+                    help="assumed GPU seconds per spectrum or project analysis of one checkpoint")
     a = ap.parse_args()
     epoch_s = dict(DEFAULT_EPOCH_SECONDS)
     for item in a.epoch_seconds:
@@ -59,6 +61,7 @@ def main() -> None:
     dims: dict[tuple[str, str], int] = {}
     disk = defaultdict(float)
     jobs = defaultdict(int)
+    work = defaultdict(int)  # per-checkpoint analyses
     gpu_s = defaultdict(float)
     for name, run in runs.items():
         ds = cfg.datasets[run.dataset]
@@ -82,13 +85,16 @@ def main() -> None:
         if cfg.studies[study].analyse:
             sp = spectrum_config(cfg, name)
             disk["eigenvectors"] += len(steps) * sp.k * d * (2 if sp.eigvec_dtype == "float16" else 4)
-            jobs["spectrum"] += len(steps)
+            work["spectrum"] += len(steps)
+            chains = math.ceil(len(steps) / max(1, sp.warm_chain))
+            jobs["analyse"] += math.ceil(chains / (cfg.resources.chains_per_job or chains))
             gpu_s[f"spectrum {study}"] += len(steps) * a.analysis_seconds
             if analysis_config(cfg, "project", name).enabled:
-                jobs["project"] += len(steps)
+                work["project"] += len(steps)
                 gpu_s[f"project {study}"] += len(steps) * a.analysis_seconds
     print(f"{a.config}: {len(runs)} runs; parameters: " + ", ".join(f"{m}/{s} {d:,}" for (m, s), d in dims.items()))
     print("jobs: " + ", ".join(f"{k} {v:,}" for k, v in jobs.items()))
+    print("checkpoint analyses: " + ", ".join(f"{k} {v:,}" for k, v in work.items()))
     for k, v in disk.items():
         print(f"disk {k:13s} {v / 2**30:8.1f} GiB")
     print(f"disk total         {sum(disk.values()) / 2**30:8.1f} GiB"

@@ -18,7 +18,6 @@ for _run, _rc in RUNS.items():
             data=lambda w, input: parent(input[0]),
             out=lambda w, output: parent(output.metrics),
             version=FORMAT_VERSION["train"],
-            timing=f"{R}/benchmarks/train/{_run}.json",
         conda:
             ENV
         log:
@@ -34,4 +33,4 @@ for _run, _rc in RUNS.items():
         shell:
             "sharpflow train --no-progress --threads {threads} --run {params.run:q} "
             "--run-name {params.name:q} --dataset {params.dataset:q} --data {params.data:q} "
-            "--out {params.out:q} --timing {params.timing:q} 2> {log:q}"
+            "--out {params.out:q} --timing {params.out:q}/../../benchmarks/train/{params.name}.json 2> {log:q}"
