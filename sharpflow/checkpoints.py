@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import queue
 import shutil
 import threading
@@ -30,7 +29,7 @@ from torch import nn
 
 from .config import FORMAT_VERSION, RunConfig
 from .errors import SharpflowError
-from .io import load_torch, write_bytes
+from .io import load_torch, publish, write_bytes
 
 CKPT_KEYS = ("model", "step", "epoch", "status", "run", "format")
 
@@ -163,14 +162,7 @@ def _serialise(obj: Any) -> bytes:
 
 def _publish(src: Path, dst: Path) -> None:
     """Make the stashed checkpoint appear at its declared path, atomically."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    publish(src, dst)
 
 
 class CheckpointWriter:

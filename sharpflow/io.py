@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,20 @@ def load_torch(path: str | Path, *, required: tuple[str, ...] = (), what: str = 
     if missing:
         raise SharpflowError(f"{path}: {what} lacks the keys {missing}")
     return obj
+
+
+def publish(src: str | Path, dst: str | Path, *, touch: bool = False) -> None:
+    """Make the file ``src`` appear at ``dst`` atomically: a hard link (no second copy on disk),
+    else a copy. ``touch``: date it now (a result reused from a stash must look newer than the
+    inputs it was computed from, as Snakemake expects of an output)."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    if touch:
+        os.utime(tmp)
+    os.replace(tmp, dst)

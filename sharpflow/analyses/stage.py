@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from pydantic import BaseModel
 
 from ..config import FORMAT_VERSION, RunConfig, SpectrumConfig, dump_json
 from ..errors import SharpflowError
-from ..io import load_torch, save_torch, write_parquet, write_text
+from ..io import load_torch, publish, save_torch, write_parquet, write_text
 from . import REGISTRY, Analysis
 from . import spectrum as spectrum_mod
 from .context import EIGVEC_KEYS, CheckpointContext, open_checkpoint
@@ -67,16 +65,8 @@ def _key(*parts: Any) -> str:
 
 
 def _publish(src: Path, dst: Path) -> None:
-    """Make ``src`` appear at ``dst`` atomically (a hard link, else a copy), dated now."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.utime(tmp)  # newer than the checkpoint it was computed from, as Snakemake expects
-    os.replace(tmp, dst)
+    """Make the stashed result appear at its declared path, atomically, dated now."""
+    publish(src, dst, touch=True)
 
 
 @dataclass
