@@ -87,7 +87,7 @@ def dry_run(tmp_path: Path, env: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------------- dry runs
 @pytest.mark.slow
-def test_slurm_profile_submits_a_chain_as_one_analysis_job(tmp_path):
+def test_slurm_profile_submits_a_run_as_one_analysis_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
     out = dry_run(tmp_path, env)
     assert out.count("rule analyse_tiny:") == 1 and "Group job" not in out
