@@ -108,8 +108,8 @@ def test_hvp_equals_dense_hessian(method: str, cache: bool, make) -> None:
 
 
 @pytest.mark.parametrize("threshold", [0.0, math.inf])
-def test_auto_method_switches_only_when_products_are_slow(monkeypatch, threshold: float) -> None:
-    monkeypatch.setattr(operators_module, "_TRACE_ABOVE_S", threshold)
+def test_auto_method_switches_only_when_products_are_large(monkeypatch, threshold: float) -> None:
+    monkeypatch.setattr(operators_module, "_TRACE_ABOVE_WORK", threshold)
     model, batches = tiny_mlp(), data([5, 7])
     h = dense_hessian(model, batches)
     op = HessianOperator(model, F.cross_entropy, batches)

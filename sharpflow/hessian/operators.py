@@ -20,7 +20,6 @@ slower than a loop over the vectors on CPU. Measured costs: see README, Benchmar
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
@@ -33,12 +32,13 @@ from sharpflow.params import LossFn, buffers, flatten, loss_of_params, trainable
 from .tracing import TangentProgram, _tangent_programs
 
 _METHODS = ("fwd_rev", "double_backward")
-# "auto" uses traced forward-over-reverse rather than cached double backward when one product is
-# estimated to take at least this long (seconds): the one-off tracing is then small next to the saving.
-_TRACE_ABOVE_S = 0.2
-# The cost model behind that estimate: one cached second backward, in units of the first chunk's
-# graph build (about one gradient of that chunk).
-_SECOND_BACKWARD_COST = 2.5
+# "auto" uses traced forward-over-reverse rather than cached double backward on the CPU when a
+# product is large: parameters × examples at least this (the default suite's 3,466-parameter CNN
+# over 512 examples is 1.8e6; the 288k-parameter benchmark CNN over 512 is 1.5e8). The one-off
+# tracing is then small next to the saving on every product. The choice depends on the problem
+# only, never on a clock, so a config gives the same bits on every run on one machine. On a GPU
+# products take milliseconds and the tracing would not pay: double backward.
+_TRACE_ABOVE_WORK = 5e7
 
 # A chunk's gradient graph: θ leaves, the gradient entries that depend on θ, and their indices.
 _GradGraph = tuple[list[Tensor], list[Tensor], list[int]]
@@ -115,9 +115,10 @@ class HessianOperator:
             vector: one second backward per vector, plus about one gradient per chunk and call
             to build the graph.
             ``"auto"``: without the cache, ``"double_backward"``; with it, cached double backward,
-            or traced ``"fwd_rev"`` if a product is estimated (from the time to build the first
-            chunk's graph) to take ≥ 0.2 s: tracing then pays for itself; for small models and
-            on GPUs it does not. ``self.method`` tells which is in use after the first product.
+            or traced ``"fwd_rev"`` on the CPU when parameters × examples ≥ 5e7 (a product then
+            takes long enough for tracing to pay for itself; for small models and on GPUs it does
+            not). Decided from the problem's size, not from a clock, so the same config gives the
+            same bits on every run. ``self.method`` tells which is in use after the first product.
         cache_graph: keep per-chunk state for the operator's lifetime (the traced tangent
             programs with their primal values, or the gradient graphs) so the primal
             forward/backward is paid once, not per product. Memory: the activations of all N
@@ -238,30 +239,16 @@ class HessianOperator:
             else:
                 out.add_(self._hvp_fwd_rev(rows, x, y), alpha=w)
 
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def _build_graphs(self) -> list[_GradGraph] | None:
-        """Every chunk's gradient graph; or, for ``method="auto"``, None when products are slow
-        enough that traced forward-over-reverse pays for its tracing (then it is used).
-
-        The first chunk's graph build, about one gradient of that chunk, is the probe: a second
-        backward costs about ``_SECOND_BACKWARD_COST`` of them, so a product over all chunks costs
-        about that × chunks × probe. Tracing costs a roughly fixed Python overhead per chunk shape
-        plus a few gradients of compute per chunk, and then makes every product cheaper: a clear
-        win when products are slow (a CNN on a CPU), a loss when they take milliseconds (small
-        models, GPUs).
-        """
-        start = self._clock()
-        first = self._grad_graph(*self._chunks[0][:2])
-        probe = self._clock() - start
+        """Every chunk's gradient graph; or, for ``method="auto"``, None when the product is large
+        enough that traced forward-over-reverse pays for its tracing (then it is used; see
+        ``_TRACE_ABOVE_WORK``)."""
         if self._auto:
             self._auto = False
-            if _SECOND_BACKWARD_COST * probe * len(self._chunks) >= _TRACE_ABOVE_S:
+            if self.device.type == "cpu" and self.dim * self.num_examples >= _TRACE_ABOVE_WORK:
                 self.method = "fwd_rev"
                 return None
+        first = self._grad_graph(*self._chunks[0][:2])
         return [first] + [self._grad_graph(x, y) for x, y, _ in self._chunks[1:]]
 
     def _traced_programs(self) -> list[TangentProgram]:
