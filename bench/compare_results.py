@@ -26,7 +26,7 @@ def _files(root: Path) -> dict[str, Path]:
     out = {}
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if rel.parts[-1].startswith("cost."):  # the cost table is timings only
+        if rel.parts[-1].startswith("cost.") or str(rel) == "README.md":  # timings only; the layout doc
             continue
         if p.is_file() and not SKIP_DIRS & set(rel.parts) and p.suffix in (".parquet", ".png", ".csv", ".pt", ".md"):
             out[str(rel)] = p
