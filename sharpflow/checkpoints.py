@@ -160,11 +160,6 @@ def _serialise(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _publish(src: Path, dst: Path) -> None:
-    """Make the stashed checkpoint appear at its declared path, atomically."""
-    publish(src, dst)
-
-
 class CheckpointWriter:
     """The checkpoints and resume state of one run in ``run_dir`` (see the module docstring).
 
@@ -194,7 +189,7 @@ class CheckpointWriter:
         start = int(state["step"])
         for s in steps:
             if s <= start and self.stash.checkpoint(s).exists():
-                _publish(self.stash.checkpoint(s), self.dir / ckpt_name(s))
+                publish(self.stash.checkpoint(s), self.dir / ckpt_name(s))
         return state
 
     def start_afresh(self) -> None:
@@ -224,7 +219,7 @@ class CheckpointWriter:
             write_bytes(ck_path, ck)
             write_bytes(rows_path, chunk, durable=False)
             write_bytes(st_path, st, durable=False)
-            _publish(ck_path, published)
+            publish(ck_path, published)
 
         self._writer.submit(write)
 

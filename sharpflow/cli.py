@@ -154,22 +154,15 @@ def _write_timing(path: Path | None, compute_s: float) -> None:
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .results import aggregate
 
-    t0 = time.perf_counter()
-    _aggregate(a, aggregate)
-    _write_timing(a.timing, time.perf_counter() - t0)
-
-
-def _aggregate(a: argparse.Namespace, aggregate: Callable[..., Any]) -> None:
     if (a.out is None) == (a.out_dir is None):
         raise SharpflowError("give exactly one of --out and --out-dir")
-    if a.out is not None:
-        aggregate(a.inputs, a.out)
-        return
-    by_kind: dict[str, list[Path]] = {}
-    for path in a.inputs:  # …/{kind}/step*.parquet
-        by_kind.setdefault(path.parent.name, []).append(path)
-    for kind, paths in by_kind.items():
-        aggregate(paths, a.out_dir / f"{kind}.parquet")
+    t0 = time.perf_counter()
+    outputs: dict[Path, list[Path]] = {}
+    for path in a.inputs:  # with --out-dir: …/{kind}/step*.parquet -> {out_dir}/{kind}.parquet
+        outputs.setdefault(a.out or a.out_dir / f"{path.parent.name}.parquet", []).append(path)
+    for out, paths in outputs.items():
+        aggregate(paths, out)
+    _write_timing(a.timing, time.perf_counter() - t0)
 
 
 def cmd_figure(a: argparse.Namespace) -> None:

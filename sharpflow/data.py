@@ -57,7 +57,7 @@ from torch import Tensor
 
 from sharpflow.config import FORMAT_VERSION, DatasetConfig, RunConfig
 from sharpflow.errors import DataError, SharpflowError
-from sharpflow.io import atomic_path, read_npz, write_npz, write_text
+from sharpflow.io import atomic_path, read_npz, sha256_file, write_npz, write_text
 
 #: Version of the prepared-data directory layout (also part of the prepare stage's params).
 DATA_FORMAT_VERSION = FORMAT_VERSION["prepare"]
@@ -80,14 +80,6 @@ Log = Callable[[str], Any]
 
 
 # ------------------------------------------------------------------------------------ file I/O
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_root(cfg: DatasetConfig) -> Path:
     """The download cache: ``cfg.cache_dir``, else ``$SHARPFLOW_DATA``, else ``~/.cache/sharpflow``."""
     root = cfg.cache_dir or os.environ.get("SHARPFLOW_DATA") or "~/.cache/sharpflow"
@@ -263,7 +255,7 @@ def _ptb_fetch(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[dict[str, 
     )
     for split, path in paths.items():
         expected = (cfg.ptb_sha256 or {}).get(split)
-        if path.is_file() and (expected is None or _sha256(path) == expected.lower()):
+        if path.is_file() and (expected is None or sha256_file(path) == expected.lower()):
             continue
         url = urls[split]
         if not cfg.download:
@@ -352,7 +344,7 @@ def _load_ptb(cfg: DatasetConfig, log: Log, progress: bool) -> _Raw:
     paths, urls = _ptb_fetch(cfg, log, progress)
     digests: dict[str, str] = {}
     for split, path in paths.items():
-        digests[split] = _sha256(path)
+        digests[split] = sha256_file(path)
         expected = (cfg.ptb_sha256 or {}).get(split)
         if expected is not None and digests[split] != expected.lower():
             raise DataError(
@@ -520,7 +512,7 @@ def _write_arrays(out: Path, npz_files: dict[str, dict[str, np.ndarray]]) -> dic
     for name, arrays in npz_files.items():
         path = out / name
         write_npz(path, **{k: np.asarray(v, order="C") for k, v in arrays.items()})
-        files[name] = _sha256(path)
+        files[name] = sha256_file(path)
     return files
 
 
@@ -655,7 +647,7 @@ def load_prepared(data_dir: str | Path, device: str | torch.device = "cpu", *, v
             path = data_dir / name
             if not path.is_file():
                 raise DataError(f"{path}: missing; {_redo(data_dir)}")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise DataError(f"{path}: SHA-256 differs from meta.json (corrupt or changed); {_redo(data_dir)}")
 
     dev = torch.device(device)

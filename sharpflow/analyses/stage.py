@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from ..config import FORMAT_VERSION, RunConfig, SpectrumConfig, dump_json
 from ..errors import SharpflowError
-from ..io import load_torch, publish, save_torch, write_parquet, write_text
+from ..io import load_torch, publish, save_torch, sha256_file, write_parquet, write_text
 from . import REGISTRY, Analysis
 from . import spectrum as spectrum_mod
 from .context import EIGVEC_KEYS, CheckpointContext, open_checkpoint
@@ -52,21 +52,8 @@ def analysis_paths(results: str | Path, run: str, analysis: Analysis, step: int)
     return {kind: Path(analysis.path(str(results), run, kind, step)) for kind in analysis.tables}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Make the stashed result appear at its declared path, atomically, dated now."""
-    publish(src, dst, touch=True)
 
 
 @dataclass
@@ -75,8 +62,9 @@ class _Stash:
 
     root: Path
 
-    def files(self, what: str, names: Sequence[str], step: int, suffix: str = ".parquet") -> dict[str, Path]:
-        return {n: self.root / what / n / f"step{step:08d}{suffix}" for n in names}
+    def files(self, what: str, names: Sequence[str], step: int) -> dict[str, Path]:
+        """The stashed tables ``names`` of ``what`` at ``step``."""
+        return {n: self.root / what / n / f"step{step:08d}.parquet" for n in names}
 
     def key_file(self, what: str, step: int) -> Path:
         return self.root / what / f"step{step:08d}.key"
@@ -142,7 +130,7 @@ def run_chain(
         step = ctx.step
         if i == 0 or step in starts:
             previous, previous_key = None, None
-        ck_sha = _sha256(Path(path))
+        ck_sha = sha256_file(path)
         previous, previous_key = _spectrum(ctx, spectrum, spec_json, previous, previous_key, stash, ck_sha,
                                            results, progress)
         written.setdefault("spectrum", []).append(spectrum_paths(results, run_name, step)[0])
@@ -164,8 +152,8 @@ def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previ
     """The spectrum of one checkpoint, from the stash or computed; its eigenvectors and key."""
     step = ctx.step
     key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
-    files = stash.files("spectrum", ["spectrum", "eigvecs"], step)
-    files["eigvecs"] = files["eigvecs"].with_suffix(".pt")
+    files = {**stash.files("spectrum", ["spectrum"], step),
+             "eigvecs": stash.root / "spectrum" / "eigvecs" / f"step{step:08d}.pt"}
     if not stash.valid("spectrum", step, key, list(files.values())):
         table, vecs = spectrum_mod.compute(ctx, cfg, previous, progress=progress, log=ctx.log)
         save_torch(files["eigvecs"], vecs)
@@ -174,8 +162,8 @@ def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previ
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: spectrum reused from the stash")
     out_table, out_vecs = spectrum_paths(results, ctx.run_name, step)
-    _publish(files["spectrum"], out_table)
-    _publish(files["eigvecs"], out_vecs)
+    publish(files["spectrum"], out_table, touch=True)
+    publish(files["eigvecs"], out_vecs, touch=True)
     ctx.with_eigvecs(out_vecs)
     assert ctx.eigvecs is not None
     return ctx.eigvecs, key
@@ -196,7 +184,7 @@ def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum
         ctx.log(f"[{ctx.run_name}] step {step}: {a.name} reused from the stash")
     published = analysis_paths(results, ctx.run_name, a, step)
     for kind, dst in published.items():
-        _publish(files[kind], dst)
+        publish(files[kind], dst, touch=True)
     return published
 
 

@@ -7,6 +7,7 @@
 
 for _run in ANALYSED:
     for _i, _job in enumerate(JOBS[_run]):
+        _res = job_resources(_run, _job)
 
         rule:
             name:
@@ -33,9 +34,9 @@ for _run in ANALYSED:
                 f"{R}/logs/analyse/{_run}/job{_i:03d}.log",
             benchmark:
                 f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.tsv"
-            threads: job_resources(_run, _job)["threads"]
+            threads: _res["threads"]
             resources:
-                **{k: v for k, v in job_resources(_run, _job).items() if k != "threads"},
+                **{k: v for k, v in _res.items() if k != "threads"},
             shell:
                 "sharpflow analyse --no-progress --threads {threads} --spectrum {params.spectrum:q} "
                 "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from sharpflow.analyses import REGISTRY as ANALYSES
+from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
 from sharpflow.config import (
     FORMAT_VERSION,
     ConfigError,
@@ -85,7 +85,7 @@ for _run in ANALYSED:
     for _name, (_section, _steps) in PLAN[_run].items():
         for _kind in ANALYSES[_name].tables:
             TABLE_STEPS[(_run, _kind)] = _steps
-TABLE_KINDS = ["spectrum", *(kind for a in ANALYSES.values() for kind in a.tables)]
+TABLE_KINDS = ["spectrum", *TABLE_OWNERS]
 
 
 def data_files(dataset):
@@ -160,10 +160,12 @@ def job_plan_json(run, job):
 def job_resources(run, job):
     """Most threads, memory and GPUs of the sections a job runs; runtime summed over checkpoints."""
     steps = job_steps(job)
-    sections = [RES.spectrum] + [getattr(RES, name) for name in json.loads(job_plan_json(run, job))]
-    runtime = len(steps) * RES.spectrum.runtime
+    sections, runtime = [RES.spectrum], len(steps) * RES.spectrum.runtime
     for name, (_, selected) in PLAN[run].items():
-        runtime += sum(1 for s in steps if s in selected) * getattr(RES, name).runtime
+        here = sum(1 for s in steps if s in selected)
+        if here:
+            sections.append(getattr(RES, name))
+            runtime += here * getattr(RES, name).runtime
     return {
         "threads": max(r.threads for r in sections),
         "mem_mb": max(r.mem_mb for r in sections),
@@ -177,7 +179,7 @@ def per_checkpoint(run, kind):
     """A run's per-checkpoint tables of one kind, in step order."""
     if kind == "spectrum":
         return [f"{R}/runs/{run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(run, kind)]]
-    a = ANALYSES[[name for name, an in ANALYSES.items() if kind in an.tables][0]]
+    a = ANALYSES[TABLE_OWNERS[kind]]
     return [a.path(R, run, kind, s) for s in TABLE_STEPS[(run, kind)]]
 
 
