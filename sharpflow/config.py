@@ -57,7 +57,15 @@ RUN_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,200}$")
 class DatasetConfig(Strict):
     """One dataset, prepared once into ``results/data/{name}/``."""
 
-    source: Literal["mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb"]
+    omit_at_default = ("synthetic_classes", "synthetic_train", "synthetic_test")
+
+    source: Literal[
+        "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb", "synthetic_images", "synthetic_text"
+    ] = Field(
+        description="mnist1d (generated locally), cifar10/cifar100/mnist/fashion_mnist (torchvision), ptb; "
+        "synthetic_images / synthetic_text: offline stand-ins shaped like CIFAR / PTB for smoke runs and "
+        "tests (generated from the seed; never results)."
+    )
     seed: NonNegativeInt = Field(0, lt=2**32, description="Seed of the train/valid split and of the Hessian subset.")
     hessian_subset: PositiveInt = Field(
         2560, description="N, the fixed training examples over which Hessians are averaged."
@@ -80,22 +88,32 @@ class DatasetConfig(Strict):
         None, description="PTB: expected SHA-256 of each split file (verified when given)."
     )
     ptb_train_tokens: PositiveInt = Field(
-        929589, description="PTB: tokens in ptb.train.txt incl. <eos> (the standard file has 929,589)."
+        929589,
+        description="PTB: tokens in ptb.train.txt incl. <eos> (the standard file has 929,589); synthetic_text: "
+        "training tokens generated (valid and test get a twelfth each, about PTB's proportions).",
     )
     bptt: PositiveInt = Field(20, description="PTB: unrolled steps; one example is bptt+1 tokens.")
-    vocab_size: PositiveInt = Field(10000, description="PTB: vocabulary size.")
+    vocab_size: PositiveInt = Field(10000, description="PTB and synthetic_text: vocabulary size.")
+    # Stand-ins
+    synthetic_classes: int = Field(10, ge=2, le=1000, description="synthetic_images: classes (CIFAR: 10 or 100).")
+    synthetic_train: PositiveInt = Field(
+        50000, description="synthetic_images: training images before the validation split (CIFAR: 50,000)."
+    )
+    synthetic_test: PositiveInt = Field(10000, description="synthetic_images: test images (CIFAR: 10,000).")
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
         if self.source == "ptb" and self.ptb_location is None:
             raise ValueError("ptb_location is required for source 'ptb' (a directory or URL prefix)")
+        if self.source == "synthetic_text" and self.vocab_size < 3:
+            raise ValueError("synthetic_text needs vocab_size >= 3 (words plus <eos>)")
         return self
 
     def default_valid_size(self) -> int:
         if self.valid_size is not None:
             return self.valid_size
         return {"mnist1d": 400, "cifar10": 5000, "cifar100": 5000, "mnist": 10000,
-                "fashion_mnist": 10000, "ptb": 0}[self.source]
+                "fashion_mnist": 10000, "ptb": 0, "synthetic_images": 5000, "synthetic_text": 0}[self.source]
 
     def train_size(self) -> int:
         """Training examples after the split, known before anything is prepared.
@@ -110,6 +128,8 @@ class DatasetConfig(Strict):
             "mnist": 60000,
             "fashion_mnist": 60000,
             "ptb": (self.ptb_train_tokens - 1) // self.bptt,
+            "synthetic_images": self.synthetic_train,
+            "synthetic_text": (self.ptb_train_tokens - 1) // self.bptt,
         }[self.source]
         n = full - self.default_valid_size()
         if n <= 0:
@@ -241,6 +261,16 @@ class SpectrumConfig(Strict):
     chunk_size: PositiveInt | None = Field(None, description="Examples per HVP chunk (bounds memory).")
     eval_mode: bool = Field(True, description="Hessian of the inference-mode model (BN/dropout off).")
 
+    @model_validator(mode="after")
+    def _check(self) -> SpectrumConfig:
+        # The estimators report a standard error: Gaussian probes need two, Hutch++ four (a third
+        # sketch, a third exact, two for Hutchinson). Say so here rather than deep inside a job.
+        if self.frobenius_probes == 1:
+            raise ValueError("frobenius_probes: 1 gives no standard error; use 0 (skip) or at least 2")
+        if 0 < self.trace_probes < 4:
+            raise ValueError(f"trace_probes: {self.trace_probes} is too few for Hutch++; use 0 (skip) or at least 4")
+        return self
+
 
 class _StudyBase(Strict):
     """A named group of runs: ``base`` merged over ``defaults``, expanded over ``sweep``."""
@@ -309,6 +339,19 @@ class _ResourcesBase(Strict):
         description="Warm-start chains per analysis job (0: all of a run's chains in one job, which then "
         "also writes the run's aggregated tables). Scheduling only: the numbers do not depend on it.",
     )
+    runs_per_job: PositiveInt = Field(
+        1,
+        description="Whole runs of one study analysed one after another in one job (in sweep order; with "
+        "chains_per_job 0). More than 1 saves a process start-up per run (seconds each on a CPU, most of "
+        "a small run's analysis) at the cost of parallelism; each run keeps its own outputs and stash, so "
+        "a change to one run recomputes only that run's checkpoints. Scheduling only, like chains_per_job.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> _ResourcesBase:
+        if self.runs_per_job > 1 and self.chains_per_job:
+            raise ValueError("runs_per_job > 1 groups whole runs: it needs chains_per_job 0")
+        return self
 
 
 ResourcesConfig = create_model(
@@ -351,6 +394,13 @@ class _ConfigBase(Strict):
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
+        for sname, study in self.studies.items():  # a study's overrides, validated once, with their path
+            for section, model in (("spectrum", SpectrumConfig), *((n, a.config) for n, a in ANALYSES.items())):
+                try:
+                    model.model_validate(_deep_merge(getattr(self, section).model_dump(), getattr(study, section)))
+                except ValidationError as err:
+                    why = format_errors(err).replace("(top level): ", "")
+                    raise ValueError(f"studies.{sname}.{section}: {why}") from None
         plans = _Plans(runs, self.datasets)
         analysed = {run for run in runs if self.studies[study_of(run)].analyse}
         for name, analysis in ANALYSES.items():

@@ -16,8 +16,8 @@ kind      sources                               x                           y
 ========  ====================================  ==========================  =========================
 vector    mnist1d                               float32 (N, 40), normalised int64 (N,) class
 image     cifar10, cifar100, mnist,             uint8 (N, C, H, W), raw      int64 (N,) class
-          fashion_mnist                         (normalised when loaded)
-tokens    ptb                                   int64 (N, bptt) word ids    int64 (N, bptt), x shifted
+          fashion_mnist, synthetic_images       (normalised when loaded)
+tokens    ptb, synthetic_text                   int64 (N, bptt) word ids    int64 (N, bptt), x shifted
 ========  ====================================  ==========================  =========================
 
 Every file is written through :mod:`sharpflow.io` (atomically); its npz files carry fixed zip
@@ -70,7 +70,7 @@ IMAGE_SOURCES: dict[str, tuple[str, int]] = {
     "fashion_mnist": ("FashionMNIST", 10),
 }
 #: Sources normalised by a per-pixel mean (the paper's CIFAR protocol); the others use a global mean.
-PER_PIXEL_MEAN = frozenset({"cifar10", "cifar100"})
+PER_PIXEL_MEAN = frozenset({"cifar10", "cifar100", "synthetic_images"})
 
 PTB_SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
@@ -136,6 +136,44 @@ def _load_mnist1d(cfg: DatasetConfig, log: Log) -> _Raw:
         kind="vector",
         num_classes=10,
         provenance={"generator": "mnist1d.data.make_dataset", "mnist1d_version": pkg_version, "args": gen_args},
+    )
+
+
+def _load_synthetic_images(cfg: DatasetConfig, log: Log) -> _Raw:
+    """The CIFAR-shaped stand-in (:func:`sharpflow.synthetic.images`), generated from the seed."""
+    from sharpflow import synthetic
+
+    log(f"generating synthetic_images (a stand-in, not CIFAR): {cfg.synthetic_train} train + "
+        f"{cfg.synthetic_test} test, {cfg.synthetic_classes} classes, seed {cfg.seed}")
+    arr = synthetic.images(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.seed)
+    return _Raw(
+        train_x=arr["train_x"], train_y=arr["train_y"], test_x=arr["test_x"], test_y=arr["test_y"],
+        kind="image",
+        num_classes=cfg.synthetic_classes,
+        provenance={"generator": "sharpflow.synthetic.images", "stand_in_for": "cifar",
+                    "note": "synthetic stand-in data: not a result about any real dataset"},
+    )
+
+
+def _load_synthetic_text(cfg: DatasetConfig, log: Log) -> _Raw:
+    """The PTB-shaped stand-in (:func:`sharpflow.synthetic.tokens`): windows of bptt+1 tokens."""
+    from sharpflow import synthetic
+
+    n_eval = max(cfg.bptt + 1, cfg.ptb_train_tokens // 12)
+    log(f"generating synthetic_text (a stand-in, not PTB): {cfg.ptb_train_tokens} train tokens, "
+        f"vocabulary {cfg.vocab_size}, seed {cfg.seed}")
+    ids = synthetic.tokens({"train": cfg.ptb_train_tokens, "valid": n_eval, "test": n_eval}, cfg.vocab_size, cfg.seed)
+    xy = {s: _ptb_windows(ids[s], cfg.bptt, Path(f"synthetic_text/{s}")) for s in PTB_SPLITS}
+    return _Raw(
+        train_x=xy["train"][0], train_y=xy["train"][1],
+        valid_x=xy["valid"][0], valid_y=xy["valid"][1],
+        test_x=xy["test"][0], test_y=xy["test"][1],
+        kind="tokens",
+        num_classes=cfg.vocab_size,
+        provenance={"generator": "sharpflow.synthetic.tokens", "stand_in_for": "ptb",
+                    "tokens": {s: len(v) for s, v in ids.items()},
+                    "note": "synthetic stand-in data: not a result about any real dataset"},
+        extra_meta={"vocab": synthetic.vocabulary(cfg.vocab_size), "bptt": cfg.bptt},
     )
 
 
@@ -418,6 +456,10 @@ def _read_source(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[_Raw, st
         raw = _load_mnist1d(cfg, log)
     elif cfg.source == "ptb":
         raw = _load_ptb(cfg, log, progress)
+    elif cfg.source == "synthetic_images":
+        raw = _load_synthetic_images(cfg, log)
+    elif cfg.source == "synthetic_text":
+        raw = _load_synthetic_text(cfg, log)
     else:
         raw = _load_torchvision(cfg, log)
     src = raw.provenance.get("directory", cfg.source)

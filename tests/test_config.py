@@ -42,6 +42,17 @@ def test_shipped_configs_are_valid():
         if path.exists():
             cfg = load_config(path)
             assert expand_runs(cfg)
+    # the smoke overlay over the paper's study, merged key by key as Snakemake merges config files
+    from snakemake.utils import update_config
+
+    raw = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    paper_studies, paper_figures = set(raw["studies"]), set(raw["figures"])
+    update_config(raw, yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text()))
+    cfg = parse_config(raw)
+    assert set(cfg.studies) == paper_studies and set(cfg.figures) == paper_figures
+    assert {d.source for d in cfg.datasets.values()} == {"synthetic_images", "synthetic_text"}
+    assert {rc.model.name for rc in expand_runs(cfg).values()} == {
+        "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm"}
 
 
 def test_sweep_expands_to_named_runs():
@@ -88,6 +99,12 @@ def test_grid_is_a_product_and_ids_are_readable():
         (lambda r: r["studies"].update({"../../x": {}}), "../../x"),
         (lambda r: r["studies"]["eta"]["sweep"].update({"a..b": [1]}), "a..b"),
         (lambda r: r["studies"]["eta"]["sweep"].update({"seed": []}), "no values"),
+        (lambda r: r.update(spectrum={"frobenius_probes": 1}), "frobenius_probes: 1 gives no standard error"),
+        (lambda r: r.update(spectrum={"trace_probes": 3}), "trace_probes: 3 is too few"),
+        # a study's override is checked when the config is read, naming the study (not in a job)
+        (lambda r: r["studies"]["eta"].update(spectrum={"frobenius_probes": 1}), "studies.eta.spectrum: frobenius"),
+        (lambda r: r["studies"]["eta"].update(spectrum={"k": 0}), "studies.eta.spectrum: k"),
+        (lambda r: r["studies"]["eta"].update(project={"k": "five"}), "studies.eta.project: k"),
     ],
 )
 def test_bad_config_names_the_field(mutate, needle):
@@ -167,9 +184,8 @@ def test_study_overrides_spectrum():
     cfg = parse_config(raw)
     assert spectrum_config(cfg, "eta-lr0.1").k == 5
     raw["studies"]["eta"]["spectrum"] = {"kk": 5}
-    cfg = parse_config(raw)
-    with pytest.raises(ValueError, match="kk"):
-        spectrum_config(cfg, "eta-lr0.1")
+    with pytest.raises(ConfigError, match=r"studies\.eta\.spectrum: kk: Extra inputs"):
+        parse_config(raw)  # when the config is read, not later in a job
 
 
 def test_dataset_sizes():

@@ -541,3 +541,79 @@ def test_augment_and_load_on_cuda(mnist1d_dir: Path) -> None:
     ds = load_prepared(mnist1d_dir, "cuda")
     assert ds.train.x.device.type == "cuda" and ds.hessian_idx.device.type == "cuda"
     assert torch.equal(ds.train.x.cpu(), torch.from_numpy(npz(mnist1d_dir / "train.npz")["x"]))
+
+
+# ------------------------------------------------------------------------------- stand-ins
+@pytest.mark.parametrize("classes", [10, 100])
+def test_synthetic_images_shapes_split_norm_and_determinism(tmp_path: Path, classes: int) -> None:
+    cfg = DatasetConfig(source="synthetic_images", synthetic_classes=classes, synthetic_train=600,
+                        synthetic_test=200, valid_size=100, hessian_subset=50, seed=3)
+    meta = prepare(cfg, tmp_path / "a", progress=False, log=quiet)
+    assert meta["split_sizes"] == {"train": 500, "valid": 100, "test": 200} and cfg.train_size() == 500
+    assert meta["kind"] == "image" and meta["num_classes"] == classes and meta["input_shape"] == [3, 32, 32]
+    assert meta["provenance"]["stand_in_for"] == "cifar"
+    train = npz(tmp_path / "a" / "train.npz")
+    assert train["x"].dtype == np.uint8 and train["x"].shape == (500, 3, 32, 32)
+    assert set(np.unique(npz(tmp_path / "a" / "test.npz")["y"])) == set(range(classes))  # every class present
+    # CIFAR's normalisation path: a per-pixel mean, a global std, applied when loaded
+    assert meta["normalization"]["scheme"] == "per_pixel_mean"
+    ds = load_prepared(tmp_path / "a")
+    x = ds.train.x.double()
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+    # the same config and seed give the same bytes; another seed other images
+    prepare(cfg, tmp_path / "b", progress=False, log=quiet)
+    assert (tmp_path / "a" / "train.npz").read_bytes() == (tmp_path / "b" / "train.npz").read_bytes()
+    other = prepare(cfg.model_copy(update={"seed": 4}), tmp_path / "c", progress=False, log=quiet)
+    assert other["files"]["train.npz"] != meta["files"]["train.npz"]
+
+
+def test_synthetic_images_have_class_structure_but_are_not_trivial(tmp_path: Path) -> None:
+    """Held-out nearest-class-mean accuracy: far above chance (learnable) and below 100 % (the
+    backgrounds overlap the classes), for 10 and 100 classes."""
+    from sharpflow import synthetic
+
+    for classes, lo in ((10, 0.5), (100, 0.2)):
+        a = synthetic.images(4000, 1000, classes, seed=0)
+        x = a["train_x"].reshape(4000, -1).astype(np.float64)
+        xt = a["test_x"].reshape(1000, -1).astype(np.float64)
+        means = np.stack([x[a["train_y"] == c].mean(0) for c in range(classes)])
+        d = (xt**2).sum(1)[:, None] - 2 * xt @ means.T + (means**2).sum(1)[None]
+        acc = float((d.argmin(1) == a["test_y"]).mean())
+        assert lo < acc < 0.99, (classes, acc)
+
+
+def test_synthetic_text_is_ptb_shaped_and_predictable(tmp_path: Path) -> None:
+    cfg = DatasetConfig(source="synthetic_text", vocab_size=300, ptb_train_tokens=20 * 500 + 1,
+                        hessian_subset=40, seed=1)
+    meta = prepare(cfg, tmp_path, progress=False, log=quiet)
+    assert meta["kind"] == "tokens" and meta["num_classes"] == 300 and meta["bptt"] == 20
+    assert meta["split_sizes"]["train"] == cfg.train_size() == 500
+    assert meta["vocab"][-1] == "<eos>" and len(meta["vocab"]) == 300
+    ds = load_prepared(tmp_path)
+    x, y = ds.train.x, ds.train.y
+    assert x.shape == (500, 20) and torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+    assert int(x.max()) < 300 and (x == 299).any()  # sentences end with <eos>
+    # Learnable: the empirical bigram model's held-out cross-entropy is far below log(V) (a
+    # uniform guess) and below the unigram model's.
+    tr, va = x.flatten().numpy(), ds.valid.x.flatten().numpy()
+    counts = np.ones((300, 300))
+    np.add.at(counts, (tr[:-1], tr[1:]), 1)
+    bigram = counts / counts.sum(1, keepdims=True)
+    uni = np.bincount(tr, minlength=300) + 1.0
+    uni /= uni.sum()
+    h_bigram = -np.log(bigram[va[:-1], va[1:]]).mean()
+    h_uni = -np.log(uni[va[1:]]).mean()
+    assert h_bigram < h_uni - 1.0 and h_uni < np.log(300)
+
+
+def test_synthetic_config_errors() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="vocab_size >= 3"):
+        DatasetConfig(source="synthetic_text", vocab_size=2)
+    with pytest.raises(ValidationError):
+        DatasetConfig(source="synthetic_images", synthetic_classes=1)
+    # Options added later leave the dumps of existing configs (Snakemake params) unchanged.
+    dumped = DatasetConfig(source="mnist1d").model_dump()
+    assert not any(k.startswith("synthetic_") for k in dumped)
+    assert DatasetConfig(source="synthetic_images", synthetic_train=10).model_dump()["synthetic_train"] == 10
