@@ -107,26 +107,59 @@ def _cmd_analysis(name: str) -> Callable[[argparse.Namespace], None]:
 
 def _parse_plan(text: str) -> dict[str, Any]:
     """--analyses: {name: {"config": {...}, "steps": [...]}} for registered analyses, validated."""
-    from .analyses import REGISTRY
-
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"--analyses: not valid JSON ({err})") from None
+    return _plan_from(raw, "--analyses")
+
+
+def _plan_from(raw: Any, flag: str) -> dict[str, Any]:
+    from .analyses import REGISTRY
+
     if not isinstance(raw, dict):
-        raise argparse.ArgumentTypeError("--analyses: expected a JSON object {name: {config, steps}}")
+        raise argparse.ArgumentTypeError(f"{flag}: expected a JSON object {{name: {{config, steps}}}}")
     plan = {}
     for name, entry in raw.items():
         if name not in REGISTRY:
-            raise argparse.ArgumentTypeError(f"--analyses: unknown analysis {name!r}; known: {', '.join(REGISTRY)}")
+            raise argparse.ArgumentTypeError(f"{flag}: unknown analysis {name!r}; known: {', '.join(REGISTRY)}")
         if not isinstance(entry, dict) or set(entry) != {"config", "steps"}:
-            raise argparse.ArgumentTypeError(f"--analyses.{name}: expected {{\"config\": ..., \"steps\": [...]}}")
+            raise argparse.ArgumentTypeError(f"{flag}.{name}: expected {{\"config\": ..., \"steps\": [...]}}")
         try:
             cfg = REGISTRY[name].config.model_validate(entry["config"])
         except ValidationError as err:
-            raise argparse.ArgumentTypeError(f"--analyses.{name}: {format_errors(err)}") from None
+            raise argparse.ArgumentTypeError(f"{flag}.{name}: {format_errors(err)}") from None
         plan[name] = (cfg, [int(s) for s in entry["steps"]])
     return plan
+
+
+#: The keys of one run in ``sharpflow analyse-runs --runs``.
+RUN_ENTRY_KEYS = {"run", "run_name", "spectrum", "analyses", "data", "chain_starts", "checkpoints"}
+
+
+def _parse_runs(text: str) -> list[dict[str, Any]]:
+    """--runs: a JSON list (or @file) of runs to analyse one after another, each validated."""
+    try:
+        raw = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, json.JSONDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"--runs: not valid JSON ({err})") from None
+    if not isinstance(raw, list) or not raw:
+        raise argparse.ArgumentTypeError("--runs: expected a non-empty JSON list of runs")
+    runs = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) != RUN_ENTRY_KEYS:
+            raise argparse.ArgumentTypeError(f"--runs[{i}]: expected an object with keys {sorted(RUN_ENTRY_KEYS)}")
+        name = entry["run_name"]
+        runs.append({
+            "run": _model_arg(RunConfig, f"--runs[{name}].run")(json.dumps(entry["run"])),
+            "run_name": str(name),
+            "spectrum": _model_arg(SpectrumConfig, f"--runs[{name}].spectrum")(json.dumps(entry["spectrum"])),
+            "analyses": _plan_from(entry["analyses"], f"--runs[{name}].analyses"),
+            "data": Path(entry["data"]),
+            "chain_starts": [int(s) for s in entry["chain_starts"]],
+            "checkpoints": [Path(c) for c in entry["checkpoints"]],
+        })
+    return runs
 
 
 def cmd_analyse(a: argparse.Namespace) -> None:
@@ -140,6 +173,25 @@ def cmd_analyse(a: argparse.Namespace) -> None:
     compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
                         spectrum=a.spectrum, analyses=plans, results=a.results, chain_starts=a.chain_starts,
                         aggregate=a.aggregate, device=device, progress=not a.no_progress, log=_log)
+    _write_timing(a.timing, compute)
+
+
+def cmd_analyse_runs(a: argparse.Namespace) -> None:
+    """Several whole runs in one process, one after another (what a grouped Snakemake job runs):
+    each as ``sharpflow analyse --aggregate`` would, with its own stash and outputs."""
+    from .analyses import REGISTRY
+    from .analyses.stage import Planned, run_chain
+    from .devices import choose_device
+
+    _setup_threads(a.threads)
+    device = choose_device(a.device, log=_log)
+    compute = 0.0
+    for r in a.runs:
+        plans = [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in r["analyses"].items()]
+        compute += run_chain(r["run"], run_name=r["run_name"], data_dir=r["data"], checkpoints=r["checkpoints"],
+                             spectrum=r["spectrum"], analyses=plans, results=a.results,
+                             chain_starts=r["chain_starts"], aggregate=True, device=device,
+                             progress=not a.no_progress, log=_log)
     _write_timing(a.timing, compute)
 
 
@@ -280,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
     sp.set_defaults(func=cmd_analyse)
+
+    sp = sub.add_parser("analyse-runs", help="several whole runs, one after another in one process (what a "
+                        "grouped Snakemake job runs: resources.runs_per_job)")
+    common(sp, run=False)
+    sp.add_argument("--runs", required=True, type=_parse_runs,
+                    help="JSON list (or @file) of {run, run_name, spectrum, analyses, data, chain_starts, "
+                    "checkpoints}, one per run, as for `sharpflow analyse`")
+    sp.add_argument("--results", required=True, type=Path, help="the results root (outputs go to runs/{run}/...)")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_analyse_runs)
 
     sp = sub.add_parser("aggregate", help="concatenate per-checkpoint tables into one Parquet file per kind")
     sp.add_argument("--out", type=Path, default=None, help="the one output (all inputs are of one kind)")

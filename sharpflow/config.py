@@ -362,6 +362,27 @@ ResourcesConfig = create_model(
 )
 
 
+#: Built-in models with BatchNorm: in training mode it needs more than one example per batch.
+BATCHNORM_MODELS = frozenset({"vgg11_bn"})
+
+
+def _check_batchnorm_batches(run: str, cfg: RunConfig, dataset: DatasetConfig) -> None:
+    """A BatchNorm model fails on a last mini-batch of one example (one value per channel at its
+    1×1 feature map), at the end of the first epoch; say so when the config is read instead."""
+    bs = cfg.optimizer.batch_size
+    if cfg.model.name not in BATCHNORM_MODELS or bs == "full":
+        return
+    try:
+        n = cfg.train_subset or dataset.train_size()
+    except ValueError:
+        return  # reported where the sizes are used
+    if n > bs and n % bs == 1:
+        raise ValueError(
+            f"run {run}: {n} training examples in batches of {bs} leave a last batch of one example, "
+            f"which {cfg.model.name}'s BatchNorm cannot train on; change batch_size or train_subset"
+        )
+
+
 class FigureConfig(Strict):
     """One figure (or table): its kind (the plotting module), the studies it shows, its style."""
 
@@ -394,6 +415,7 @@ class _ConfigBase(Strict):
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
+            _check_batchnorm_batches(run, cfg, self.datasets[cfg.dataset])
         for sname, study in self.studies.items():  # a study's overrides, validated once, with their path
             for section, model in (("spectrum", SpectrumConfig), *((n, a.config) for n, a in ANALYSES.items())):
                 try:

@@ -105,6 +105,11 @@ def test_grid_is_a_product_and_ids_are_readable():
         (lambda r: r["studies"]["eta"].update(spectrum={"frobenius_probes": 1}), "studies.eta.spectrum: frobenius"),
         (lambda r: r["studies"]["eta"].update(spectrum={"k": 0}), "studies.eta.spectrum: k"),
         (lambda r: r["studies"]["eta"].update(project={"k": "five"}), "studies.eta.project: k"),
+        # 1,000 examples in batches of 37: a last batch of one, which BatchNorm cannot train on
+        (lambda r: (r["datasets"].update(img={"source": "synthetic_images", "synthetic_train": 1100,
+                                             "valid_size": 100}),
+                    r["defaults"].update(dataset="img", model={"name": "vgg11_bn"}, optimizer={"batch_size": 37})),
+         "1000 training examples in batches of 37 leave a last batch of one example"),
     ],
 )
 def test_bad_config_names_the_field(mutate, needle):

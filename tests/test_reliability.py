@@ -131,6 +131,24 @@ def test_bad_json_config_on_the_command_line(trained, tiny_data, tmp_path, capsy
     assert "--spectrum: k: Input should be greater than 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("runs", "needle"),
+    [
+        ("[", "--runs: not valid JSON"),
+        ("[]", "expected a non-empty JSON list"),
+        ('[{"run": {}}]', "--runs[0]: expected an object with keys"),
+        ('[{"run": {}, "run_name": "r", "spectrum": {}, "analyses": {}, "data": "d", "chain_starts": [0], '
+         '"checkpoints": []}]', "--runs[r].run: "),
+    ],
+)
+def test_bad_runs_list_of_a_grouped_job(tmp_path, capsys, runs, needle):
+    with pytest.raises(SystemExit) as info:
+        main(["analyse-runs", "--runs", runs, "--results", str(tmp_path)])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_disk_full_keeps_previous_outputs(trained, tiny_data, tmp_path, capsys, monkeypatch):
     run, out = trained
     args = _spectrum_args(run, tiny_data, out / "checkpoints" / "step00000016.pt", tmp_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,19 @@ def test_every_cli_stage_has_help():
     assert {"prepare", "train", "spectrum", "project", "aggregate", "figure", "table", "check", "schema"} <= set(
         sub.choices
     )
+
+
+def test_gpu_check_exits_cleanly_without_cuda():
+    """bench/gpu.py on a CPU-only machine says so and exits 0, measuring nothing."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: bench/gpu.py would measure it")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here" in proc.stdout
+    assert "ResNet-32" not in proc.stdout

@@ -244,6 +244,45 @@ def test_splitting_a_run_over_analysis_jobs_changes_no_number(tmp_path):
         assert (trees[0] / rel).read_bytes() == (trees[1] / rel).read_bytes()
 
 
+def test_grouping_runs_into_one_job_changes_no_number_and_recomputes_nothing(finished):
+    """resources.runs_per_job is scheduling only: the eta runs analysed in one process give the same
+    tables as one job per run; switching reruns the grouped job, which takes every checkpoint from the
+    runs' stashes; a change to one run's analysis then recomputes that run's analysis alone. The
+    finished tree is restored to the original config at the end."""
+    work, cfg0 = finished
+    res = Path(cfg0["results"])
+    kinds = ("spectrum", "alignment", "cross_sections", "widths", "decomposed")
+    before = {(run, k): pd.read_parquet(res / "runs" / run / f"{k}.parquet")
+              for run in ("eta-lr0.05", "eta-lr0.1") for k in kinds}
+    cfg = copy.deepcopy(cfg0)
+    cfg["resources"] = {"runs_per_job": 2}
+    log_path = res / "logs" / "analyse" / "eta__group0" / "job000.log"
+    try:
+        jobs = planned(work, cfg)
+        assert analyse_jobs(jobs) == {"analyse_eta__group0": 1}  # both eta runs; "other" (one run) untouched
+        assert not [r for r in jobs if r.startswith("train_")]
+        proc = snakemake(work, cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = log_path.read_text()
+        assert "HVPs" not in log and log.count("spectrum reused from the stash") == 6, log
+        assert log.count("project reused from the stash") == 6 and log.count("escape reused from the stash") == 1
+        for (run, kind), a in before.items():
+            b = pd.read_parquet(res / "runs" / run / f"{kind}.parquet")
+            pd.testing.assert_frame_equal(a, b, check_exact=True, obj=f"{run} {kind}")
+        # escape runs on eta-lr0.1 only: changing it recomputes that run's escape, nothing else
+        cfg["escape"] = {**cfg["escape"], "iterations": 10}
+        assert analyse_jobs(planned(work, cfg)) == {"analyse_eta__group0": 1}
+        proc = snakemake(work, cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = log_path.read_text()
+        assert log.count("spectrum reused from the stash") == 6 and log.count("project reused from the stash") == 6
+        assert "escape reused" not in log and "HVPs" not in log
+    finally:
+        proc = snakemake(work, cfg0)  # back to one job per run (from the stashes), as the other tests expect
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned(work, cfg0) == {}
+
+
 def test_no_change_rerun_is_fast(finished):
     work, cfg = finished
     t0 = time.perf_counter()

@@ -3,9 +3,14 @@
 # warm-started from the one before in its chain, then every registered analysis (sharpflow/analyses)
 # selected at that checkpoint, in the same process. Every checkpoint keeps its own output files; a
 # killed or rerun job reuses what it already computed (the run's analysis stash). A job that covers
-# the whole run also writes its aggregated tables; otherwise an aggregate job per run does.
+# the whole run also writes its aggregated tables; otherwise an aggregate job per run does. With
+# resources.runs_per_job > 1, whole runs of a study are analysed one after another in one job.
+
+GROUPED = {run for runs in GROUPS.values() if len(runs) > 1 for run in runs}
 
 for _run in ANALYSED:
+    if _run in GROUPED:
+        continue
     for _i, _job in enumerate(JOBS[_run]):
         _res = job_resources(_run, _job)
 
@@ -42,6 +47,39 @@ for _run in ANALYSED:
                 "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "
                 "--data {params.data:q} --results {params.results:q} --chain-starts {params.starts} "
                 "{params.aggregate} --timing {params.timing:q} {input.checkpoints:q} 2> {log:q}"
+
+
+# resources.runs_per_job > 1: several whole runs of a study, one after another in one process.
+for _group, _runs in GROUPS.items():
+    if len(_runs) < 2:
+        continue
+    _res = group_resources(_runs)
+
+    rule:
+        name:
+            rule_name("analyse", _group)
+        input:
+            checkpoints=[ckpt_path(r, s) for r in _runs for s in job_steps(JOBS[r][0])],
+            data=sorted({f for r in _runs for f in data_files(RUNS[r].dataset)}),
+        output:
+            [path for r in _runs for path in aggregated(r)],
+        params:
+            runs=dump_json_dict([group_entry(r, f"{R}/data/{RUNS[r].dataset}") for r in _runs]),
+            results=R,
+            timing=f"{R}/benchmarks/analyse/{_group}/job000.json",
+            version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
+        conda:
+            ENV
+        log:
+            f"{R}/logs/analyse/{_group}/job000.log",
+        benchmark:
+            f"{R}/benchmarks/analyse/{_group}/job000.tsv"
+        threads: _res["threads"]
+        resources:
+            **{k: v for k, v in _res.items() if k != "threads"},
+        shell:
+            "sharpflow analyse-runs --no-progress --threads {threads} --runs {params.runs:q} "
+            "--results {params.results:q} --timing {params.timing:q} 2> {log:q}"
 
 
 for _run in SPLIT:

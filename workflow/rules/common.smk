@@ -78,6 +78,24 @@ CHAINS = {run: _chains(run) for run in ANALYSED}
 JOBS = {run: _jobs(run) for run in ANALYSED}
 #: runs whose analysis is split over several jobs: their aggregated tables need a job of their own.
 SPLIT = [run for run in ANALYSED if len(JOBS[run]) > 1]
+
+
+def _groups():
+    """Whole runs analysed together (resources.runs_per_job): consecutive runs of one study."""
+    by_study = {}
+    for run in ANALYSED:
+        if run not in SPLIT:
+            by_study.setdefault(study_of(run), []).append(run)
+    size = RES.runs_per_job
+    return {
+        f"{study}__group{i // size}": runs[i : i + size]
+        for study, runs in by_study.items()
+        for i in range(0, len(runs), size)
+    }
+
+
+#: group name -> its runs; a group of one is that run's own job (rule analyse_{run}).
+GROUPS = _groups()
 #: (run, table kind) -> the steps that have that table (spectrum: every checkpoint of an analysed run).
 TABLE_STEPS = {}
 for _run in ANALYSED:
@@ -173,6 +191,27 @@ def job_resources(run, job):
         "gpu_model": RES.spectrum.gpu_model,
         "runtime": runtime,
     }
+
+
+def group_entry(run, data_dir):
+    """One run of a grouped job, as `sharpflow analyse-runs --runs` takes it."""
+    (job,) = JOBS[run]
+    return {
+        "run": json.loads(RUN_JSON[run]),
+        "run_name": run,
+        "spectrum": json.loads(SPEC_JSON[run]),
+        "analyses": json.loads(job_plan_json(run, job)),
+        "data": data_dir,
+        "chain_starts": [chain[0] for chain in job],
+        "checkpoints": [ckpt_path(run, s) for s in job_steps(job)],
+    }
+
+
+def group_resources(runs):
+    """A grouped job: the most threads, memory and GPUs of its runs' jobs; their runtimes summed."""
+    each = [job_resources(run, JOBS[run][0]) for run in runs]
+    out = {k: max(r[k] for r in each) for k in ("threads", "mem_mb", "gpu")}
+    return {**out, "gpu_model": RES.spectrum.gpu_model, "runtime": sum(r["runtime"] for r in each)}
 
 
 def per_checkpoint(run, kind):
