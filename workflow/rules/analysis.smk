@@ -65,7 +65,7 @@ for _group, _runs in GROUPS.items():
             [path for r in _runs for path in aggregated(r)],
         params:
             runs=dump_json_dict([group_entry(r, f"{R}/data/{RUNS[r].dataset}") for r in _runs]),
-            results=R,
+            results=results_root(3),
             timing=f"{R}/benchmarks/analyse/{_group}/job000.json",
             version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
         conda:
