@@ -147,6 +147,17 @@ def varying(data: Data, runs: Sequence[str], keys: Sequence[str] = SWEEP_KEYS) -
     return out
 
 
+def lambda_max_rows(sp: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint of a spectrum table, in step order, whose ``eigenvalue`` is λ_max: the
+    largest *algebraic* eigenvalue returned. That is rank 1 for ``which: LA``, but with ``which: LM``
+    a negative eigenvalue of larger magnitude can come first. Other columns: the rank-1 row's."""
+    if len(sp) == 0:
+        return sp
+    first = sp.sort_values(["step", "rank"], kind="stable").drop_duplicates("step").set_index("step")
+    first["eigenvalue"] = sp.groupby("step")["eigenvalue"].max()  # NaN only if every rank is NaN
+    return first.reset_index()
+
+
 def steps_per_epoch(df: pd.DataFrame) -> float:
     """Steps per epoch from a table's (step, epoch) pairs (NaN if it cannot be told)."""
     if len(df) == 0 or "epoch" not in df:

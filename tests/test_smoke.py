@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the whole study: ~9 min here
 
 #: Log lines that are information, not trouble (each job's log is read whole).
 BENIGN = re.compile(r"no CUDA device available: running on the CPU")

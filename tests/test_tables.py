@@ -108,7 +108,7 @@ def nsgd_case(tmp_path):
     inputs += write_run(tmp_path, "sgd-lr0.1",
                         metrics=metrics("sgd-lr0.1", [0.5] * 5, [0.5] * 5, [1] * 5, [1] * 5),
                         spectrum=spectrum("sgd-lr0.1", [2] * 5, [3] * 5))
-    return {"kind": "nsgd", "studies": ["nsgd"], "style": {}, "runs": runs}, inputs
+    return {"kind": "nsgd", "studies": ["nsgd"], "style": {"early_epoch": "quarter"}, "runs": runs}, inputs
 
 
 def make(tmp_path: Path, kind: str, spec: dict, inputs: list[Path]) -> tuple[pd.DataFrame, str, str]:
@@ -131,7 +131,7 @@ def test_nsgd_mean_std_over_two_seeds(tmp_path, nsgd_case):
         "test_acc_best_pct": (62.5, 87.5),
         "val_acc_early_pct": (50.0, 37.5),   # epoch 1 = first validation at ≥ 25 % of 4 epochs
         "train_loss_final": (0.25, 0.5),
-        "dist_init_final": (2.0, 3.0),
+        "dist_init_best": (1.5, 2.5),    # at the best-validation checkpoints, steps 20 and 30
     }
     for key, (a, b) in expected.items():
         assert row[f"{key}_mean"] == (a + b) / 2, key
@@ -177,6 +177,16 @@ def test_early_epoch_from_style(tmp_path, nsgd_case):
     row = csv.set_index("name").loc["γ=0.1"]
     assert row["val_acc_early_pct_mean"] == (75.0 + 62.5) / 2
     assert "val acc @ epoch 2 (%)" in md and r"style.early\_epoch" in md
+
+
+def test_early_epoch_defaults_to_the_papers_epoch_50(tmp_path, nsgd_case):
+    """Without style.early_epoch, E is the paper's epoch 50: here (runs of 4 epochs) no run has a
+    validation there, so the column is empty, not silently moved to another epoch."""
+    spec, inputs = nsgd_case
+    spec = {**spec, "style": {}}
+    csv, md, _ = make(tmp_path, "nsgd", spec, inputs)
+    assert "val acc @ epoch 50 (%)" in md and "the paper's epoch 50" in md
+    assert csv["val_acc_early_pct_mean"].isna().all()
 
 
 def test_diverged_seed_is_left_out_and_counted(tmp_path):
@@ -237,6 +247,21 @@ def test_peak_table(tmp_path):
     assert "full" in md
     assert r"grid\_eta-lr0.1" in tex and "grid_eta" not in tex  # underscores escaped in LaTeX
     assert r"grid\_eta-lr0.1" in md  # and in Markdown (no accidental emphasis)
+
+
+def test_lambda_max_is_the_largest_algebraic_eigenvalue_whatever_which(tmp_path):
+    """With which: LM, rank 1 is the largest *magnitude*: a negative eigenvalue can come first. λ_max
+    in the peak table (and the NSGD table and figure) is still the largest algebraic one."""
+    from sharpflow.results import lambda_max_rows
+
+    # rank 1 is negative and larger in magnitude at steps 10 and 20; rank 2 holds the top of the spectrum
+    sp = spectrum("lm-lr0.1", [-20, -30, 5, 4, 3], NAN5, lam2=[2, 8, 1, 1, 1]).assign(which="LM")
+    d = lambda_max_rows(sp)
+    assert d["step"].tolist() == STEPS and d["eigenvalue"].tolist() == [2, 8, 5, 4, 3]
+    csv, _, _ = make(tmp_path, "peak", {"runs": {"lm-lr0.1": meta(0.1, study="lm")}},
+                     write_run(tmp_path, "lm-lr0.1", spectrum=sp))
+    row = csv.set_index("run").loc["lm-lr0.1"]
+    assert (row["peak_lambda_max"], row["peak_step"], row["final_lambda_max"]) == (8.0, 10, 3.0)
 
 
 def test_latex_escaping_and_structure(tmp_path, nsgd_case):

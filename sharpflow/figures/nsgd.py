@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..results import Data, Group, group_label, group_order, group_runs, label_keys, last_finite
+from ..results import Data, Group, group_label, group_order, group_runs, label_keys, lambda_max_rows, last_finite
 from . import style
 
 
@@ -41,7 +41,7 @@ def _lambda_max(data: Data, run: str) -> pd.Series:
     sp = data.rows("spectrum", run)
     if len(sp) == 0:
         return pd.Series(dtype=float)
-    d = sp[sp["rank"] == 1].drop_duplicates("step").sort_values("step")
+    d = lambda_max_rows(sp)
     return pd.Series(d["eigenvalue"].to_numpy(float), index=np.round(d["epoch"].to_numpy(float), 6))
 
 

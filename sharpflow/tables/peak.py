@@ -1,10 +1,11 @@
 """``peak``: where λ_max peaks, per run (the paper's claim 1: lower and earlier for larger η or
 smaller S).
 
-One row per run, ordered by η, then S, then seed: the peak of λ_max (spectrum rank 1) over the
-finite checkpoints, the first step and epoch at which it is reached, η·λ_max/2 there (> 1: on a
-quadratic, a step along e1 lands past the 1-D minimum at a higher loss, and GD is unstable), the final
-λ_max (at the last checkpoint; "–" for a run that diverged) and the run's status.
+One row per run, ordered by η, then S, then seed: the peak of λ_max (the largest algebraic
+eigenvalue computed: rank 1 for ``which: LA``) over the finite checkpoints, the first step and
+epoch at which it is reached, η·λ_max/2 there (> 1: on a quadratic, a step along e1 lands past the
+1-D minimum at a higher loss, and GD is unstable), the final λ_max (at the last checkpoint; "–" for
+a run that diverged) and the run's status.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ..results import Data, sort_value, varying
+from ..results import Data, lambda_max_rows, sort_value, varying
 from ._common import Column, Table
 
 
 def run_peak(data: Data, run: str) -> dict[str, Any]:
     sp = data.rows("spectrum", run)
-    d = sp[sp["rank"] == 1].drop_duplicates("step").sort_values("step") if len(sp) else sp
+    d = lambda_max_rows(sp)
     lam = d["eigenvalue"].to_numpy(float) if len(d) else np.array([])
     eta = data.value(run, "lr")
     out: dict[str, Any] = {"run": run, "lr": float(eta) if eta is not None else math.nan,
@@ -59,6 +60,6 @@ def build(kind: str, data: Data, opts: dict[str, Any]) -> Table:
         Column("final_lambda_max", "final λ_max", r"final $\lambda_{\max}$"),
         Column("status", "status", kind="text"),
     ]
-    notes = ["λ_max: the largest Hessian eigenvalue (spectrum rank 1), in nats/param²; the peak is the "
-             "first checkpoint reaching the maximum over finite values."]
+    notes = ["λ_max: the largest Hessian eigenvalue (the largest algebraic one computed), in nats/param²; "
+             "the peak is the first checkpoint reaching the maximum over finite values."]
     return Table(columns, rows, notes)
