@@ -36,7 +36,7 @@ def _snakemake(work: Path, *args: str, timeout: float) -> subprocess.CompletedPr
     cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "2",
            "--configfile", str(ROOT / "config" / "paper.yaml"), str(ROOT / "config" / "smoke.yaml"),
            "--config", f"results={work / 'results_smoke'}", *args]
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(work), "PYTHONWARNINGS": "default"}
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(work)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=work)
 
 
