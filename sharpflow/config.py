@@ -223,7 +223,11 @@ class RunConfig(Strict):
     steps: PositiveInt | None = None
     seed: int = 0
     augment: bool = Field(False, description="Random 4-px shifts + horizontal flips (images only).")
-    train_subset: PositiveInt | None = Field(None, description="Train on the first n examples only.")
+    train_subset: PositiveInt | None = Field(
+        None,
+        description="Train on the first n examples only (not with the spectrum or NSGD, whose Hessian subset "
+        "is drawn from the whole training split: use the dataset's max_train there).",
+    )
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -383,6 +387,24 @@ def _check_batchnorm_batches(run: str, cfg: RunConfig, dataset: DatasetConfig) -
         )
 
 
+def _check_hessian_subset_is_trained_on(run: str, cfg: RunConfig, dataset: DatasetConfig) -> None:
+    """The Hessian subset is drawn from the whole training split; a run that trains on its first n
+    examples only would have its curvature measured mostly on examples it never saw."""
+    if cfg.train_subset is None:
+        return
+    try:
+        n_train = dataset.train_size()
+    except ValueError:
+        return  # reported where the sizes are used
+    if cfg.train_subset < n_train:
+        raise ValueError(
+            f"run {run}: train_subset {cfg.train_subset} trains on the first {cfg.train_subset} of "
+            f"{n_train} examples, but the Hessian subset (spectrum, NSGD refreshes, escape) is drawn "
+            f"from all {n_train}, mostly examples the run never sees; use a dataset with max_train: "
+            f"{cfg.train_subset} instead (its Hessian subset is drawn from those examples)"
+        )
+
+
 class FigureConfig(Strict):
     """One figure (or table): its kind (the plotting module), the studies it shows, its style."""
 
@@ -416,6 +438,8 @@ class _ConfigBase(Strict):
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
             _check_batchnorm_batches(run, cfg, self.datasets[cfg.dataset])
+            if self.studies[study_of(run)].analyse or cfg.optimizer.name == "nsgd":
+                _check_hessian_subset_is_trained_on(run, cfg, self.datasets[cfg.dataset])
         for sname, study in self.studies.items():  # a study's overrides, validated once, with their path
             for section, model in (("spectrum", SpectrumConfig), *((n, a.config) for n, a in ANALYSES.items())):
                 try:

@@ -105,6 +105,9 @@ def test_grid_is_a_product_and_ids_are_readable():
         (lambda r: r["studies"]["eta"].update(spectrum={"frobenius_probes": 1}), "studies.eta.spectrum: frobenius"),
         (lambda r: r["studies"]["eta"].update(spectrum={"k": 0}), "studies.eta.spectrum: k"),
         (lambda r: r["studies"]["eta"].update(project={"k": "five"}), "studies.eta.project: k"),
+        # the Hessian subset must come from the examples the run trains on
+        (lambda r: (r["datasets"]["d"].update(valid_size=100), r["defaults"].update(train_subset=50)),
+         "train_subset 50 trains on the first 50 of 300 examples, but the Hessian subset"),
         # 1,000 examples in batches of 37: a last batch of one, which BatchNorm cannot train on
         (lambda r: (r["datasets"].update(img={"source": "synthetic_images", "synthetic_train": 1100,
                                              "valid_size": 100}),
