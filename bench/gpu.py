@@ -141,14 +141,18 @@ def slowest_analysis(tmp: Path, device: torch.device) -> None:
     ckpts = [tmp / "runs" / name / "checkpoints" / f"step{s:08d}.pt" for s in steps]
     starts = steps[:: max(1, spec.warm_chain)]
     seconds = {}
-    for dev in (device, torch.device("cpu")):
+    # each device its own results tree (and so its own analysis stash: nothing is reused across them)
+    for dev in [device] if device.type == "cpu" else [device, torch.device("cpu")]:
         out = tmp / f"results-{dev.type}"
         seconds[dev.type] = run_chain(run, run_name=name, data_dir=data_dir, checkpoints=ckpts, spectrum=spec,
                                       analyses=plans, results=out, chain_starts=starts, aggregate=True,
                                       device=dev, log=lambda _m: None)
-    print(f"  {name}: spectrum + {', '.join(p.analysis.name for p in plans)} at {len(steps)} checkpoints: "
-          f"{seconds[device.type]:.1f} s on {device}, {seconds['cpu']:.1f} s on the CPU "
-          f"({torch.get_num_threads()} threads): GPU/CPU = {seconds[device.type] / seconds['cpu']:.2f}")
+    what = f"  {name}: spectrum + {', '.join(p.analysis.name for p in plans)} at {len(steps)} checkpoints: "
+    if device.type == "cpu":
+        print(f"{what}{seconds['cpu']:.1f} s on the CPU ({torch.get_num_threads()} threads)")
+    else:
+        print(f"{what}{seconds[device.type]:.1f} s on {device}, {seconds['cpu']:.1f} s on the CPU "
+              f"({torch.get_num_threads()} threads): GPU/CPU = {seconds[device.type] / seconds['cpu']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
