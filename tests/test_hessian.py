@@ -423,3 +423,25 @@ def test_norm_estimators_on_a_model_hessian() -> None:
     assert abs(est - float(torch.linalg.matrix_norm(h))) < 4 * se
     est, se = trace(op, probes=30, seed=0)
     assert abs(est - float(torch.trace(h))) < 4 * se
+
+
+def test_traced_product_prints_no_torch_deprecation_warning():
+    """The first forward-mode trace in a process loads torch's jvp decompositions, whose import warns
+    that torch.jit.script is deprecated; sharpflow keeps that out of job logs. In a fresh process with
+    FutureWarning as an error, the traced path must still be taken (not fall back)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from sharpflow.hessian import HessianOperator\n"
+        "from sharpflow.models import REGISTRY, loss_fn\n"
+        "m = REGISTRY['mlp']((8,), 3)\n"
+        "op = HessianOperator(m, loss_fn, [(torch.randn(4, 8), torch.randint(0, 3, (4,)))], method='fwd_rev')\n"
+        "op.matvec(torch.randn(op.dim))\n"
+        "print(op.method)\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "fwd_rev" and "Warning" not in proc.stderr, proc.stderr

@@ -115,7 +115,11 @@ def _trace_hvp(
             g = grad_fn(duals, x, y)
             return [fwad.unpack_dual(g[k]).tangent for k in names]
 
-    graph = make_fx(product)(x, y, *params, *[torch.zeros_like(p) for p in params])
+    with warnings.catch_warnings():
+        # forward-mode AD loads torch's own jvp decompositions on first use, and that import warns
+        # that torch.jit.script is deprecated: torch's internals, nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        graph = make_fx(product)(x, y, *params, *[torch.zeros_like(p) for p in params])
     return _split_tangent(graph, 2 + n)
 
 
