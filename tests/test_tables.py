@@ -183,10 +183,10 @@ def test_early_epoch_defaults_to_the_papers_epoch_50(tmp_path, nsgd_case):
     """Without style.early_epoch, E is the paper's epoch 50: here (runs of 4 epochs) no run has a
     validation there, so the column is empty, not silently moved to another epoch."""
     spec, inputs = nsgd_case
-    spec = {**spec, "style": {}}
-    csv, md, _ = make(tmp_path, "nsgd", spec, inputs)
-    assert "val acc @ epoch 50 (%)" in md and "the paper's epoch 50" in md
-    assert csv["val_acc_early_pct_mean"].isna().all()
+    for style in ({}, {"early_epoch": None}):
+        csv, md, _ = make(tmp_path / str(len(style)), "nsgd", {**spec, "style": style}, inputs)
+        assert "val acc @ epoch 50 (%)" in md and "the paper's epoch 50" in md
+        assert csv["val_acc_early_pct_mean"].isna().all()
 
 
 def test_diverged_seed_is_left_out_and_counted(tmp_path):

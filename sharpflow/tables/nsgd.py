@@ -57,11 +57,11 @@ PAPER_EARLY_EPOCH = 50.0
 
 
 def early_epoch(data: Data, runs: list[str], opts: dict[str, Any]) -> float:
-    """E: ``style.early_epoch`` (default: the paper's 50); ``"quarter"``: the first validation epoch
+    """E: ``style.early_epoch`` (unset or null: the paper's 50); ``"quarter"``: the first validation epoch
     ≥ 25 % of the longest run (for studies far shorter than the paper's)."""
-    chosen = opts.get("early_epoch", PAPER_EARLY_EPOCH)
+    chosen = opts.get("early_epoch")
     if chosen != "quarter":
-        return float(chosen)
+        return PAPER_EARLY_EPOCH if chosen is None else float(chosen)
     met = data.table("metrics")
     if len(met) == 0:
         return math.nan
@@ -168,9 +168,12 @@ def build(kind: str, data: Data, opts: dict[str, Any]) -> Table:
     for key, header, tex, fmt in QUANTITIES:
         columns.append(Column(key, header.replace("{E}", e_text), tex.replace("{E}", e_text), kind="meanstd",
                               fmt=fmt))
-    chosen = opts.get("early_epoch", PAPER_EARLY_EPOCH)
-    how = ("the first validation epoch at or after 25 % of training (style.early_epoch: quarter)"
-           if chosen == "quarter" else "the paper's epoch 50" if "early_epoch" not in opts else "style.early_epoch")
+    if opts.get("early_epoch") is None:
+        how = "the paper's epoch 50"
+    elif opts["early_epoch"] == "quarter":
+        how = "the first validation epoch at or after 25 % of training (style.early_epoch: quarter)"
+    else:
+        how = "style.early_epoch"
     notes = [
         "Mean ± sample std (ddof=1) over seeds; diverged seeds' NaN values are left out.",
         "best-val: the checkpoint with the highest validation accuracy (earliest on ties); "
