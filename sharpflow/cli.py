@@ -37,17 +37,25 @@ def _model_arg(model: type[M], flag: str) -> Callable[[str], M]:
     """argparse type: JSON text (or @file) validated as ``model``."""
 
     def parse(text: str) -> M:
-        try:
-            raw = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
-        except (OSError, json.JSONDecodeError) as err:
-            raise argparse.ArgumentTypeError(f"{flag}: not valid JSON ({err})") from None
-        try:
-            return model.model_validate(raw)
-        except ValidationError as err:
-            raise argparse.ArgumentTypeError(f"{flag}: {format_errors(err)}") from None
+        return _validated(model, _json_arg(text, flag), flag)
 
     parse.__name__ = model.__name__
     return parse
+
+
+def _json_arg(text: str, flag: str) -> Any:
+    """The JSON of an argument, given inline or as @file."""
+    try:
+        return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, json.JSONDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"{flag}: not valid JSON ({err})") from None
+
+
+def _validated(model: type[M], raw: Any, flag: str) -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(f"{flag}: {format_errors(err)}") from None
 
 
 def _setup_threads(threads: int | None) -> None:
@@ -139,10 +147,7 @@ RUN_ENTRY_KEYS = {"run", "run_name", "spectrum", "analyses", "data", "chain_star
 
 def _parse_runs(text: str) -> list[dict[str, Any]]:
     """--runs: a JSON list (or @file) of runs to analyse one after another, each validated."""
-    try:
-        raw = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
-    except (OSError, json.JSONDecodeError) as err:
-        raise argparse.ArgumentTypeError(f"--runs: not valid JSON ({err})") from None
+    raw = _json_arg(text, "--runs")
     if not isinstance(raw, list) or not raw:
         raise argparse.ArgumentTypeError("--runs: expected a non-empty JSON list of runs")
     runs = []
@@ -151,9 +156,9 @@ def _parse_runs(text: str) -> list[dict[str, Any]]:
             raise argparse.ArgumentTypeError(f"--runs[{i}]: expected an object with keys {sorted(RUN_ENTRY_KEYS)}")
         name = entry["run_name"]
         runs.append({
-            "run": _model_arg(RunConfig, f"--runs[{name}].run")(json.dumps(entry["run"])),
+            "run": _validated(RunConfig, entry["run"], f"--runs[{name}].run"),
             "run_name": str(name),
-            "spectrum": _model_arg(SpectrumConfig, f"--runs[{name}].spectrum")(json.dumps(entry["spectrum"])),
+            "spectrum": _validated(SpectrumConfig, entry["spectrum"], f"--runs[{name}].spectrum"),
             "analyses": _plan_from(entry["analyses"], f"--runs[{name}].analyses"),
             "data": Path(entry["data"]),
             "chain_starts": [int(s) for s in entry["chain_starts"]],
@@ -162,16 +167,23 @@ def _parse_runs(text: str) -> list[dict[str, Any]]:
     return runs
 
 
-def cmd_analyse(a: argparse.Namespace) -> None:
+def _planned(plan: dict[str, Any]) -> list[Any]:
+    """A parsed --analyses plan as the ``Planned`` entries ``run_chain`` takes."""
     from .analyses import REGISTRY
-    from .analyses.stage import Planned, run_chain
+    from .analyses.stage import Planned
+
+    return [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in plan.items()]
+
+
+def cmd_analyse(a: argparse.Namespace) -> None:
+    from .analyses.stage import run_chain
     from .devices import choose_device
 
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
-    plans = [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in a.analyses.items()]
     compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
-                        spectrum=a.spectrum, analyses=plans, results=a.results, chain_starts=a.chain_starts,
+                        spectrum=a.spectrum, analyses=_planned(a.analyses), results=a.results,
+                        chain_starts=a.chain_starts,
                         aggregate=a.aggregate, device=device, progress=not a.no_progress, log=_log)
     _write_timing(a.timing, compute)
 
@@ -179,17 +191,15 @@ def cmd_analyse(a: argparse.Namespace) -> None:
 def cmd_analyse_runs(a: argparse.Namespace) -> None:
     """Several whole runs in one process, one after another (what a grouped Snakemake job runs):
     each as ``sharpflow analyse --aggregate`` would, with its own stash and outputs."""
-    from .analyses import REGISTRY
-    from .analyses.stage import Planned, run_chain
+    from .analyses.stage import run_chain
     from .devices import choose_device
 
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
     compute = 0.0
     for r in a.runs:
-        plans = [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in r["analyses"].items()]
         compute += run_chain(r["run"], run_name=r["run_name"], data_dir=r["data"], checkpoints=r["checkpoints"],
-                             spectrum=r["spectrum"], analyses=plans, results=a.results,
+                             spectrum=r["spectrum"], analyses=_planned(r["analyses"]), results=a.results,
                              chain_starts=r["chain_starts"], aggregate=True, device=device,
                              progress=not a.no_progress, log=_log)
     _write_timing(a.timing, compute)

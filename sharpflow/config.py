@@ -370,16 +370,13 @@ ResourcesConfig = create_model(
 BATCHNORM_MODELS = frozenset({"vgg11_bn"})
 
 
-def _check_batchnorm_batches(run: str, cfg: RunConfig, dataset: DatasetConfig) -> None:
+def _check_batchnorm_batches(run: str, cfg: RunConfig, n_train: int) -> None:
     """A BatchNorm model fails on a last mini-batch of one example (one value per channel at its
     1×1 feature map), at the end of the first epoch; say so when the config is read instead."""
     bs = cfg.optimizer.batch_size
     if cfg.model.name not in BATCHNORM_MODELS or bs == "full":
         return
-    try:
-        n = cfg.train_subset or dataset.train_size()
-    except ValueError:
-        return  # reported where the sizes are used
+    n = cfg.train_subset or n_train
     if n > bs and n % bs == 1:
         raise ValueError(
             f"run {run}: {n} training examples in batches of {bs} leave a last batch of one example, "
@@ -387,16 +384,10 @@ def _check_batchnorm_batches(run: str, cfg: RunConfig, dataset: DatasetConfig) -
         )
 
 
-def _check_hessian_subset_is_trained_on(run: str, cfg: RunConfig, dataset: DatasetConfig) -> None:
+def _check_hessian_subset_is_trained_on(run: str, cfg: RunConfig, n_train: int) -> None:
     """The Hessian subset is drawn from the whole training split; a run that trains on its first n
     examples only would have its curvature measured mostly on examples it never saw."""
-    if cfg.train_subset is None:
-        return
-    try:
-        n_train = dataset.train_size()
-    except ValueError:
-        return  # reported where the sizes are used
-    if cfg.train_subset < n_train:
+    if cfg.train_subset is not None and cfg.train_subset < n_train:
         raise ValueError(
             f"run {run}: train_subset {cfg.train_subset} trains on the first {cfg.train_subset} of "
             f"{n_train} examples, but the Hessian subset (spectrum, NSGD refreshes, escape) is drawn "
@@ -437,13 +428,17 @@ class _ConfigBase(Strict):
         for run, cfg in runs.items():
             if cfg.dataset not in self.datasets:
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
-            _check_batchnorm_batches(run, cfg, self.datasets[cfg.dataset])
+            try:
+                n_train = self.datasets[cfg.dataset].train_size()
+            except ValueError:
+                continue  # reported where the sizes are used (prepare, the checkpoint plan)
+            _check_batchnorm_batches(run, cfg, n_train)
             if self.studies[study_of(run)].analyse or cfg.optimizer.name == "nsgd":
-                _check_hessian_subset_is_trained_on(run, cfg, self.datasets[cfg.dataset])
-        for sname, study in self.studies.items():  # a study's overrides, validated once, with their path
-            for section, model in (("spectrum", SpectrumConfig), *((n, a.config) for n, a in ANALYSES.items())):
+                _check_hessian_subset_is_trained_on(run, cfg, n_train)
+        for sname in self.studies:  # a study's overrides, validated once, with their path
+            for section in ("spectrum", *ANALYSES):
                 try:
-                    model.model_validate(_deep_merge(getattr(self, section).model_dump(), getattr(study, section)))
+                    _study_section(self, section, sname)
                 except ValidationError as err:
                     why = format_errors(err).replace("(top level): ", "")
                     raise ValueError(f"studies.{sname}.{section}: {why}") from None
@@ -565,16 +560,20 @@ def study_of(run: str) -> str:
     return run.split("-", 1)[0]
 
 
+def _study_section(cfg: _ConfigBase, section: str, study: str) -> BaseModel:
+    """Config section ``section`` ("spectrum" or an analysis) for ``study``: the top level, with the
+    study's overrides, validated."""
+    model = SpectrumConfig if section == "spectrum" else ANALYSES[section].config
+    return model.model_validate(_deep_merge(getattr(cfg, section).model_dump(), getattr(cfg.studies[study], section)))
+
+
 def spectrum_config(cfg: Config, run: str) -> SpectrumConfig:
-    study = cfg.studies[study_of(run)]
-    return SpectrumConfig.model_validate(_deep_merge(cfg.spectrum.model_dump(), study.spectrum))
+    return _study_section(cfg, "spectrum", study_of(run))  # type: ignore[return-value]
 
 
 def analysis_config(cfg: Config, name: str, run: str) -> BaseModel:
     """The config section of analysis ``name`` for ``run``: the top level, with its study's overrides."""
-    study = cfg.studies[study_of(run)]
-    section = ANALYSES[name].config
-    return section.model_validate(_deep_merge(getattr(cfg, name).model_dump(), getattr(study, name)))
+    return _study_section(cfg, name, study_of(run))
 
 
 # ------------------------------------------------------------------------------ checkpoint plan
