@@ -32,7 +32,7 @@ for _run in ANALYSED:
                 data=lambda w, input: parent(input.data[0]),
                 results=results_root(3 if _run not in SPLIT else 4),
                 timing=f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.json",
-                version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
+                version=ANALYSE_VERSION,
             conda:
                 ENV
             log:
@@ -64,10 +64,10 @@ for _group, _runs in GROUPS.items():
         output:
             [path for r in _runs for path in aggregated(r)],
         params:
-            runs=dump_json_dict([group_entry(r, f"{R}/data/{RUNS[r].dataset}") for r in _runs]),
+            runs=dump_json_dict([group_entry(r) for r in _runs]),
             results=results_root(3),
             timing=f"{R}/benchmarks/analyse/{_group}/job000.json",
-            version=dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]}),
+            version=ANALYSE_VERSION,
         conda:
             ENV
         log:

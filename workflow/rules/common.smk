@@ -104,10 +104,16 @@ for _run in ANALYSED:
         for _kind in ANALYSES[_name].tables:
             TABLE_STEPS[(_run, _kind)] = _steps
 TABLE_KINDS = ["spectrum", *TABLE_OWNERS]
+#: The analysis jobs' result-format params: the spectrum's and every analysis's version.
+ANALYSE_VERSION = dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]})
+
+
+def data_dir(dataset):
+    return f"{R}/data/{dataset}"
 
 
 def data_files(dataset):
-    d = f"{R}/data/{dataset}"
+    d = data_dir(dataset)
     return [f"{d}/{f}" for f in ("train.npz", "valid.npz", "test.npz", "hessian.npz", "meta.json")]
 
 
@@ -193,7 +199,7 @@ def job_resources(run, job):
     }
 
 
-def group_entry(run, data_dir):
+def group_entry(run):
     """One run of a grouped job, as `sharpflow analyse-runs --runs` takes it."""
     (job,) = JOBS[run]
     return {
@@ -201,7 +207,7 @@ def group_entry(run, data_dir):
         "run_name": run,
         "spectrum": json.loads(SPEC_JSON[run]),
         "analyses": json.loads(job_plan_json(run, job)),
-        "data": data_dir,
+        "data": data_dir(RUNS[run].dataset),
         "chain_starts": [chain[0] for chain in job],
         "checkpoints": [ckpt_path(run, s) for s in job_steps(job)],
     }
