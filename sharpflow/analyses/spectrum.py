@@ -8,7 +8,9 @@ Tables (Parquet, one row per observation; ``run``, ``step``, ``epoch`` and ``sta
     converged (rel_residual ≤ tol), matvecs and seconds (of the whole solve), n (examples),
     k, tol, which ("LA"|"LM"), backend, warm (warm-started?), and per-checkpoint summaries
     repeated on each row: loss (Hessian-subset loss, nats), grad_norm, frobenius (‖H‖_F
-    estimate) and frobenius_se, trace and trace_se (NaN when not asked for).
+    estimate), frobenius_se (delta-method, the probes' spread), frobenius_lo and frobenius_hi (a 95 %
+    interval with honest coverage, :func:`~sharpflow.hessian.estimators.frobenius_interval`), trace
+    and trace_se (NaN when not asked for).
 
 ``eigvecs/step*.pt``: {"eigenvalues": (k,), "eigenvectors": (k, D), "residuals": (k,),
     "step", "run", "status", "format"} — eigenvectors in the flat parameter order of
@@ -44,8 +46,8 @@ def _diverged(ctx: CheckpointContext, cfg: SpectrumConfig, base: dict[str, Any],
     nan = math.nan
     df = pd.DataFrame([{**base, "rank": r + 1, "eigenvalue": nan, "residual": nan, "rel_residual": nan,
                         "converged": False, "matvecs": 0, "seconds": 0.0, "warm": False, "loss": nan,
-                        "grad_norm": nan, "frobenius": nan, "frobenius_se": nan, "trace": nan,
-                        "trace_se": nan} for r in range(cfg.k)])
+                        "grad_norm": nan, "frobenius": nan, "frobenius_se": nan, "frobenius_lo": nan,
+                        "frobenius_hi": nan, "trace": nan, "trace_se": nan} for r in range(cfg.k)])
     vecs = {"eigenvalues": torch.full((0,), nan), "eigenvectors": torch.zeros(0, dim),
             "residuals": torch.zeros(0), "step": ctx.step, "run": ctx.run_name,
             "status": "diverged", "format": FORMAT_VERSION["spectrum"]}
@@ -93,9 +95,11 @@ def compute(
             f"(worst {float(res.rel_residuals.max()):.2e}); reported as not converged")
     grad = op.gradient()
     summary = {"loss": op.loss(), "grad_norm": float(grad.norm()), "frobenius": math.nan,
-               "frobenius_se": math.nan, "trace": math.nan, "trace_se": math.nan}
+               "frobenius_se": math.nan, "frobenius_lo": math.nan, "frobenius_hi": math.nan,
+               "trace": math.nan, "trace_se": math.nan}
     if cfg.frobenius_probes:
-        summary["frobenius"], summary["frobenius_se"] = frobenius_norm(op, cfg.frobenius_probes, seed=step)
+        fro = frobenius_norm(op, cfg.frobenius_probes, seed=step)
+        summary.update(frobenius=fro.estimate, frobenius_se=fro.se, frobenius_lo=fro.lower, frobenius_hi=fro.upper)
     if cfg.trace_probes:
         summary["trace"], summary["trace_se"] = trace(op, cfg.trace_probes, seed=step)
     rows = [{**base, "rank": r + 1, "eigenvalue": float(res.eigenvalues[r]),

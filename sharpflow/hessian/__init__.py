@@ -14,21 +14,23 @@ Modules:
   per-chunk ``torch.func.linearize`` fall-back.
 - :mod:`~sharpflow.hessian.solvers`: :func:`top_eigenpairs` and :class:`EigenResult`
   (thick-restart block Lanczos with true residuals, or scipy's ARPACK).
-- :mod:`~sharpflow.hessian.estimators`: :func:`frobenius_norm` and :func:`trace` (Hutchinson,
+- :mod:`~sharpflow.hessian.estimators`: :func:`frobenius_norm` (with :func:`frobenius_interval`) and :func:`trace` (Hutchinson,
   Hutch++).
 """
 
 from __future__ import annotations
 
-from .estimators import frobenius_norm, trace
+from .estimators import FrobeniusEstimate, frobenius_interval, frobenius_norm, trace
 from .operators import DenseOperator, HessianOperator, LinearOperator
 from .solvers import EigenResult, top_eigenpairs
 
 __all__ = [
     "DenseOperator",
     "EigenResult",
+    "FrobeniusEstimate",
     "HessianOperator",
     "LinearOperator",
+    "frobenius_interval",
     "frobenius_norm",
     "top_eigenpairs",
     "trace",
