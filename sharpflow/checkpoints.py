@@ -31,7 +31,7 @@ from .config import FORMAT_VERSION, RunConfig
 from .errors import SharpflowError
 from .io import load_torch, publish, write_bytes
 
-CKPT_KEYS = ("model", "step", "epoch", "status", "run", "format")
+CKPT_KEYS = ("model", "step", "epoch", "status", "run", "format", "lr")
 
 
 def ckpt_name(step: int) -> str:
@@ -199,8 +199,10 @@ class CheckpointWriter:
     def dump(
         self, step: int, *, model: nn.Module, epoch: float, status: str, run_name: str,
         optimizer: torch.optim.Optimizer, schedule: dict[str, float], rows: list[dict[str, Any]], wall_s: float,
+        lr: float,
     ) -> None:
-        """Checkpoint + resume state for ``step`` (weights after ``step`` updates).
+        """Checkpoint + resume state for ``step`` (weights after ``step`` updates; ``lr`` is the
+        learning rate in force there, the one the next update uses).
 
         ``rows`` are the metrics rows since the previous dump. Serialised here, written by the
         background thread: the checkpoint (fsynced), the rows, the resume state that names both,
@@ -208,7 +210,8 @@ class CheckpointWriter:
         """
         self.dumps.append(step)
         ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-                         "epoch": epoch, "status": status, "run": run_name, "format": FORMAT_VERSION["train"]})
+                         "epoch": epoch, "status": status, "run": run_name, "format": FORMAT_VERSION["train"],
+                         "lr": float(lr)})
         chunk = json.dumps(rows).encode()
         st = _serialise({"digest": self.stash.digest, "step": step, "optimizer": optimizer.state_dict(),
                          "schedule": dict(schedule), "dumps": list(self.dumps), "wall_s": wall_s, "status": status})

@@ -44,7 +44,7 @@ from .errors import ConfigError
 
 #: Bumped when a stage's results change meaning; part of that stage's Snakemake params, so a
 #: refactor reruns nothing while a change of meaning reruns exactly that stage and what follows.
-FORMAT_VERSION = {"prepare": 1, "train": 1, "spectrum": 2,
+FORMAT_VERSION = {"prepare": 1, "train": 2, "spectrum": 2,
                   **{name: a.format_version for name, a in ANALYSES.items()}}
 
 #: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).

@@ -736,6 +736,11 @@ class TrainView:
     n: int  # len(x)
     batch_size: int  # the run's mini-batch size (n for "full", capped at n)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Updates per epoch, as :func:`sharpflow.config.steps_per_epoch` counts them."""
+        return max(1, -(-self.n // self.batch_size))
+
 
 def train_view(run: RunConfig, data: Dataset) -> TrainView:
     """The examples ``run`` trains on (``train_subset`` keeps the first n) and its batch size."""

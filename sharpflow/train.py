@@ -28,7 +28,7 @@ marks its rows instead of crashing. Early stopping does the same with ``status="
 Layout: :func:`train` builds a :class:`_Run` and calls :meth:`_Run.begin` (resume or start),
 :meth:`_Run.loop` (each step :meth:`_Run.update`, then :meth:`_Run.after_update`) and
 :meth:`_Run.finish`. The parts: :class:`_Schedule` (learning rate, early stopping),
-:class:`_DataOrder` (mini-batches), :class:`_Metrics` (the rows), :func:`_refresh_subspace`
+:class:`DataOrder` (mini-batches), :class:`_Metrics` (the rows), :func:`_refresh_subspace`
 (NSGD) and :class:`~sharpflow.checkpoints.CheckpointWriter` (dumps and resume state).
 """
 
@@ -76,7 +76,7 @@ def config_digest(run: RunConfig, dataset: DatasetConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _mix(*xs: int) -> int:
+def mix_seed(*xs: int) -> int:
     """A 63-bit seed from integers (stable across runs and platforms)."""
     h = hashlib.blake2b(repr(xs).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -182,7 +182,7 @@ def _flat_params(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-class _DataOrder:
+class DataOrder:
     """The examples of each step: epoch ``e`` is a permutation of the training view seeded by
     ``(seed, e)``, cut into consecutive mini-batches."""
 
@@ -195,12 +195,23 @@ class _DataOrder:
         """Indices into the view of mini-batch ``step`` (its epoch's order is drawn at its first step)."""
         epoch, within = divmod(step, self.spe)
         if epoch != self._epoch:
-            g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, epoch, 1))
+            g = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, epoch, 1))
             self._perm = torch.randperm(self.view.n, generator=g).to(self.device)
             self._epoch = epoch
         assert self._perm is not None
         bs = self.view.batch_size
         return self._perm[within * bs : (within + 1) * bs]
+
+    def batches(self, start: int, run: RunConfig) -> Any:
+        """The run's mini-batches (x, y) from update ``start`` on, augmented as training augments them."""
+        step = start
+        while True:
+            idx = self.batch(step)
+            xb, yb = self.view.x[idx], self.view.y[idx]
+            if run.augment:
+                xb = augment(xb, torch.Generator(device=xb.device).manual_seed(mix_seed(run.seed, step, 4)))
+            yield xb, yb
+            step += 1
 
 
 class _Metrics:
@@ -292,14 +303,14 @@ class _Run:
         self.view = train_view(run, data)
         if run.augment and data.kind != "image":
             raise SharpflowError(f"augment: true needs an image dataset; {run.dataset} is {data.kind}")
-        torch.manual_seed(_mix(run.seed, -1))
+        torch.manual_seed(mix_seed(run.seed, -1))
         self.model = build_model(run.model, tuple(data.input_shape), data.num_classes).to(device)
         self.theta0 = _flat_params(self.model).clone()
         self.opt = build_optimizer(self.model, run)
         self.sched = _Schedule(run)
         self.ckpts = CheckpointWriter(out_dir, config_digest(run, dataset))
         self.metrics = _Metrics([])
-        self.order = _DataOrder(self.view, run.seed, self.spe, device)
+        self.order = DataOrder(self.view, run.seed, self.spe, device)
         self.nsgd = run.optimizer.nsgd if run.optimizer.name == "nsgd" else None
         self.refresh_every = (self.nsgd.refresh_every_steps or self.spe) if self.nsgd else 0
         self.seed_steps = draws_randomness(self.model)
@@ -368,9 +379,9 @@ class _Run:
         refresh_s, refresh_mv = self._refresh(step)
         xb, yb = self.view.x[idx], self.view.y[idx]
         if self.seed_steps:
-            _seed_step(_mix(self.run.seed, step, 2), self.device)
+            _seed_step(mix_seed(self.run.seed, step, 2), self.device)
         if self.run.augment:
-            gen = torch.Generator(device=xb.device).manual_seed(_mix(self.run.seed, step, 4))
+            gen = torch.Generator(device=xb.device).manual_seed(mix_seed(self.run.seed, step, 4))
             xb = augment(xb, gen)
         out = self.model(xb)
         loss = loss_fn(out, yb)
@@ -397,7 +408,7 @@ class _Run:
         """NSGD's subspace refresh if one is due before ``step``: (seconds, matvecs), else NaNs."""
         if not self.nsgd or step % self.refresh_every != 0:
             return math.nan, math.nan
-        cost = _refresh_subspace(self.model, self.opt, self.run, self.data, _mix(self.run.seed, step, 3))
+        cost = _refresh_subspace(self.model, self.opt, self.run, self.data, mix_seed(self.run.seed, step, 3))
         self.model.train()
         return cost
 
@@ -443,7 +454,8 @@ class _Run:
         """The evaluation rows at ``step``, then its checkpoint and resume state."""
         self._eval_rows(step)
         self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
-                        optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall())
+                        optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
+                        lr=self.sched.lr_at(step / self.spe))
 
 
 def train(
@@ -490,4 +502,4 @@ def train(
     return df
 
 
-__all__ = ["METRICS_COLUMNS", "evaluate", "train"]
+__all__ = ["METRICS_COLUMNS", "DataOrder", "evaluate", "mix_seed", "train"]

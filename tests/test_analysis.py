@@ -358,6 +358,33 @@ def test_decomposed_step_matches_quadratic_closed_form(qp: Problem) -> None:
         assert abs(coef[2]) < 1e-9 and res.sum() < 1e-18
 
 
+def test_decomposed_step_with_nudged_learning_rates(qp: Problem) -> None:
+    """Nudged-SGD: the step along e_i (i ≤ K) has rate γη, and the whole step is −η·u with the
+    nudged gradient u = g − (1−γ)Σ_{i≤K}(gᵀe_i)e_i; checked against the quadratic's closed form."""
+    grads = an.batch_gradients(qp.model, qp.loss_fn, qp.theta, qp.batches)
+    lr, gamma, K = 0.13, 0.1, 2
+    lrs = [gamma * lr if i < K else lr for i in range(D)]
+    EK = qp.E[:K]
+    u = grads - (1 - gamma) * (grads @ EK.T) @ EK
+    df = an.decomposed_step(qp.model, qp.loss_fn, qp.theta, grads, qp.E, qp.lam, lr, qp.batches,
+                            n_random=1, multipliers=[1.0, 2.0], direction_lr=lrs, full_steps=u)
+    L0, gL = qp.loss(qp.theta), qp.grad_full(qp.theta)
+    eig = df[df.kind == "eigen"]
+    np.testing.assert_allclose(eig.lr_eff, [lrs[r - 1] * a for r, a in zip(eig["rank"], eig.multiplier, strict=True)])
+    for _, r in eig.iterrows():
+        e, lam = qp.E[r["rank"] - 1], float(qp.lam[r["rank"] - 1])
+        c = r.lr_eff * float(grads[r.grad] @ e)
+        assert r.rel_change_pct == pytest.approx(100 * (-c * float(gL @ e) + 0.5 * c * c * lam) / L0, rel=1e-9)
+        assert r.eta_lambda_half == pytest.approx(r.lr_eff * lam / 2)
+    for _, r in df[df.kind == "full"].iterrows():
+        v = u[r.grad]
+        dL = -r.lr_eff * float(gL @ v) + 0.5 * r.lr_eff**2 * float(v @ qp.A @ v)
+        assert r.rel_change_pct == pytest.approx(100 * dL / L0, rel=1e-9)
+    assert (df[df.kind != "eigen"].lr_eff.isin([lr, 2 * lr])).all()
+    with pytest.raises(ValueError, match="direction learning rates"):
+        an.decomposed_step(qp.model, qp.loss_fn, qp.theta, grads, qp.E, qp.lam, lr, qp.batches, direction_lr=[lr])
+
+
 def test_decomposed_step_sign_flips_at_eta_lambda_two(qp: Problem) -> None:
     lr = 0.1
     g = qp.grad_full(qp.theta)[None]  # gradient of the measured loss: ΔL = −η'(gᵀe)²(1 − η'λ/2)
@@ -391,6 +418,24 @@ def test_escape_none_matches_manual_sgd(qp: Problem) -> None:
     assert df.e1_coord.iloc[-1] == pytest.approx(float((th - qp.theta) @ qp.E[0]))
     assert (df.lambda_max == 5.0).all() and not df.diverged.any()
     assert _escape(qp, "none").lambda_max.isna().all()
+
+
+def test_escape_with_momentum_and_weight_decay_matches_torch_sgd(qp: Problem) -> None:
+    """Mode "none" with momentum and weight decay is torch.optim.SGD on the same batches."""
+    df = _escape(qp, "none", momentum=0.9, weight_decay=0.01)
+    model = Quadratic(qp.theta)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    ref = {0: qp.loss(qp.theta)}
+    for t in range(10):
+        x, y = qp.batches[t % len(qp.batches)]
+        opt.zero_grad()
+        qp.loss_fn(model(x), y).backward()
+        opt.step()
+        ref[t + 1] = qp.loss(model.w.detach())
+    np.testing.assert_allclose(df.loss.to_numpy(), [ref[s] for s in df.step], rtol=1e-12)
+    # "remove" with momentum: the buffer keeps the unedited direction, the motion along e1 stays zero
+    rem = _escape(qp, "remove", momentum=0.9, weight_decay=0.01)
+    assert rem.e1_coord.abs().max() < 1e-12 and rem.loss.iloc[-1] != df.loss.iloc[-1]
 
 
 def test_escape_modes_geometry(qp: Problem) -> None:
@@ -471,3 +516,43 @@ def test_nan_theta_gives_diverged_rows(qp: Problem) -> None:
                              steps=5, mode="remove", eval_batches=qp.batches, eval_every=2,
                              lambda_max_fn=lambda th: 1.0)
     assert esc.diverged.all() and esc.loss.isna().all() and esc.lambda_max.isna().all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The escape stage on a trained run: its data order, its learning rate, its refreshes
+# ----------------------------------------------------------------------------------------------
+def test_escape_stage_continues_the_run_and_refreshes_e1(tiny_data, tiny_dataset, tmp_path) -> None:
+    """Plain mode "none" from the step-16 checkpoint of a run whose step schedule halves η at
+    step 16 retraces the run exactly: after 16 iterations θ is the step-32 checkpoint (same
+    mini-batches in the same order, η in force = 0.05). With e1 refreshed every iteration,
+    "remove" and "freeze" differ; with refresh_every 0 they are the same dynamics."""
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.analyses.escape import EscapeConfig
+    from sharpflow.analyses.escape import compute as escape
+    from sharpflow.analyses.spectrum import compute as spectrum
+    from sharpflow.config import SpectrumConfig
+    from sharpflow.data import load_prepared
+    from sharpflow.train import train
+
+    from .conftest import tiny_run
+
+    run = tiny_run(optimizer__schedule={"kind": "step", "milestones": [1.0], "factor": 0.5})
+    train(run, tiny_dataset, run_name="r", data_dir=tiny_data, out_dir=tmp_path, progress=False, log=lambda *_: None)
+    data = load_prepared(tiny_data)
+    ck = tmp_path / "checkpoints"
+    ctx = open_checkpoint(run, "r", data, ck / "step00000016.pt", torch.device("cpu"), log=lambda *_: None)
+    _, ev = spectrum(ctx, SpectrumConfig(k=2, tol=1e-6), log=lambda *_: None)
+    ctx.eigvecs = ev
+    assert ctx.lr == 0.05
+    out = escape(ctx, EscapeConfig(checkpoints={"r": [16]}, iterations=16, eval_every=8, subset=64,
+                                   modes=["none", "remove", "freeze"], lambda_tol=1e-4))["escape"]
+    theta16 = flat_params(ctx.model()).double()
+    theta32 = flat_params(open_checkpoint(run, "r", data, ck / "step00000032.pt", torch.device("cpu")).model())
+    none = out[(out["mode"] == "none") & (out.step == 16)].iloc[0]
+    assert none.dist_from_start == pytest.approx(float((theta32.double() - theta16).norm()), rel=1e-4)
+    assert (out.lr == 0.05).all() and (out[out["mode"] == "remove"].refresh_every == 1).all()
+    last = out[out.step == 16].set_index("mode")
+    assert abs(last.loc["remove", "loss"] - last.loc["freeze", "loss"]) > 1e-6
+    fixed = escape(ctx, EscapeConfig(checkpoints={"r": [16]}, iterations=16, eval_every=8, subset=64,
+                                     modes=["remove", "freeze"], refresh_every=0))["escape"].set_index(["mode", "step"])
+    np.testing.assert_allclose(fixed.loc["remove"].loss, fixed.loc["freeze"].loss, rtol=1e-5)

@@ -123,6 +123,10 @@ def test_step_schedule(tiny_data, tiny_dataset, tmp_path):
     df = _train(run, tiny_dataset, tiny_data, tmp_path)
     lrs = df[df.split == "batch"].set_index("step").lr
     assert lrs[15] == 0.1 and lrs[16] == 0.05
+    # a checkpoint records the rate in force there (the one its next update uses): the analyses'
+    # projected steps read it rather than the base rate
+    ck = {s: load_checkpoint(tmp_path / "checkpoints" / f"step{s:08d}.pt")["lr"] for s in (15, 16, 32)}
+    assert ck == {15: 0.1, 16: 0.05, 32: 0.05}
 
 
 def _nsgd(**over):

@@ -58,6 +58,20 @@ class CheckpointContext:
         return str(self.checkpoint["status"])
 
     @property
+    def lr(self) -> float:
+        """η in force at the checkpoint (the rate the next update uses, after any schedule drop)."""
+        return float(self.checkpoint["lr"])
+
+    def direction_lrs(self, k: int) -> list[float]:
+        """The learning rate along each of the checkpoint's top ``k`` eigenvectors: γη for the
+        first nsgd.k of a Nudged-SGD run with the top subspace (the optimizer's subspace is the
+        top-k at its last refresh; the checkpoint's own eigenvectors stand in for it), η otherwise."""
+        opt = self.run.optimizer
+        if opt.name == "nsgd" and opt.nsgd is not None and opt.nsgd.subspace == "top":
+            return [self.lr * opt.nsgd.gamma if i < opt.nsgd.k else self.lr for i in range(k)]
+        return [self.lr] * k
+
+    @property
     def view(self) -> TrainView:
         """The examples the run trains on, and its batch size."""
         if self._view is None:

@@ -1,11 +1,22 @@
-"""The escape ablation (optional): from chosen checkpoints, continue SGD with the e1 component of
-every step removed, isolated, frozen or rescaled, tracking the loss and λ_max.
+"""The escape ablation (optional): from chosen checkpoints, continue the run's SGD with the e1
+component of every step removed, isolated, frozen or rescaled, tracking the loss and λ_max.
+
+The paper's variants: "remove-top" is ``remove`` and "only-top" is ``isolate``, both with e1
+recomputed after every iteration (``refresh_every: 1``, warm-started Lanczos on the run's Hessian
+subset); "constant-top" is ``freeze``, which always keeps the checkpoint's e1 and holds θ's
+coordinate along it. ``refresh_every: 0`` keeps the checkpoint's e1 in every mode (then "remove"
+and "freeze" are the same dynamics).
+
+The continuation follows the run: its mini-batches in its own data order from the checkpoint's
+step on (augmented as in training), the learning rate in force at the checkpoint, its momentum
+(a buffer starting at zero) and weight decay. It is plain SGD even for a Nudged-SGD run (γ is not
+applied), and the model is in eval mode (BatchNorm's running statistics, no dropout).
 
 Table ``runs/{run}/escape/step*.parquet`` (step = the checkpoint started from): one
-:func:`sharpflow.analyses.numerics.escape_ablation` per mode, on the run's data order and learning
-rate, λ_max tracked by a warm-started Lanczos solve on the run's Hessian subset. Rows: step
-(iterations from the checkpoint), loss (on a fixed subset), lambda_max, mode, factor, lr,
-e1_coord, dist_from_start, diverged, plus run, start_step (the checkpoint), epoch, status.
+:func:`sharpflow.analyses.numerics.escape_ablation` per mode. Rows: step (iterations from the
+checkpoint), loss (on a fixed subset), lambda_max, mode, factor, lr, e1_coord, dist_from_start,
+diverged, refresh_every (0: never), momentum, weight_decay, plus run, start_step (the
+checkpoint), epoch, status.
 """
 
 from __future__ import annotations
@@ -40,7 +51,11 @@ class EscapeConfig(Strict):
     factor: float = Field(0.5, description="'rescale': multiplier of the e1 component.")
     eval_every: PositiveInt = Field(50, description="Iterations between loss / λ_max evaluations.")
     subset: PositiveInt = Field(1000, description="Examples of the fixed loss-evaluation subset.")
-    lambda_tol: PositiveFloat = Field(1e-2, description="Relative residual of the tracked λ_max.")
+    lambda_tol: PositiveFloat = Field(1e-2, description="Relative residual of the tracked λ_max and refreshed e1.")
+    refresh_every: NonNegativeInt = Field(
+        1, description="Iterations between recomputations of e1 for remove, isolate and rescale (the paper: 1, "
+        "after every iteration); 0 keeps the checkpoint's e1. 'freeze' always keeps it."
+    )
 
 
 def select(cfg: EscapeConfig, run: str, steps: Sequence[int]) -> list[int]:
@@ -71,6 +86,7 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
     from ..hessian import HessianOperator, top_eigenpairs
     from ..models import loss_fn
     from ..params import flat_params, set_flat_params
+    from ..train import DataOrder
     from .context import add_ident
     from .numerics import batches_of, escape_ablation
 
@@ -82,39 +98,37 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
     theta = flat_params(model)
     step = ctx.step
     view = ctx.view
-    x, y, n_train, bs = view.x, view.y, view.n, view.batch_size
+    x, y, n_train = view.x, view.y, view.n
     gen = torch.Generator(device="cpu").manual_seed(step)
     subset_idx = torch.randperm(n_train, generator=gen)[: min(cfg.subset, n_train)].to(device)
     subset = batches_of(x[subset_idx], y[subset_idx], 1000)
     hbatches = hessian_batches(ctx.data, len(ctx.data.hessian_idx))
     probe = copy.deepcopy(model)
     warm: dict[str, Any] = {"v": None}
+    opt = run.optimizer
 
-    def lambda_max(th: torch.Tensor) -> float:
+    def top1(th: torch.Tensor) -> tuple[float, torch.Tensor]:
         set_flat_params(probe, th)
-        op = HessianOperator(probe, loss_fn, hbatches, weight_decay=run.optimizer.weight_decay)
+        op = HessianOperator(probe, loss_fn, hbatches, weight_decay=opt.weight_decay)
         res = top_eigenpairs(op, k=1, tol=cfg.lambda_tol, v0=warm["v"], seed=step)
         warm["v"] = res.eigenvectors
-        return float(res.eigenvalues[0])
-
-    def batches():
-        epoch = 0
-        while True:
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(step * 7919 + epoch)).to(device)
-            for i in range(0, n_train, bs):
-                idx = perm[i : i + bs]
-                yield x[idx], y[idx]
-            epoch += 1
+        return float(res.eigenvalues[0]), res.eigenvectors[0]
 
     ok = bool(torch.isfinite(theta).all()) and len(ev["eigenvectors"]) > 0
+    refresh = cfg.refresh_every if ok and cfg.refresh_every > 0 else None
     frames = []
     t0 = time.perf_counter()
     for mode in cfg.modes:
         e1 = ev["eigenvectors"][0].to(device=device, dtype=theta.dtype) if ok else torch.full_like(theta, math.nan)
         warm["v"] = None
-        df = escape_ablation(model, loss_fn, theta, e1, batches(), lr=run.optimizer.lr, steps=cfg.iterations,
+        order = DataOrder(view, run.seed, view.steps_per_epoch, device)
+        df = escape_ablation(model, loss_fn, theta, e1, order.batches(step, run), lr=ctx.lr, steps=cfg.iterations,
                              mode=mode, factor=cfg.factor, eval_batches=subset, eval_every=cfg.eval_every,
-                             lambda_max_fn=lambda_max if ok else None)
+                             lambda_max_fn=(lambda th: top1(th)[0]) if ok else None,
+                             e1_fn=(lambda th: top1(th)[1]) if refresh else None, refresh_every=refresh,
+                             momentum=opt.momentum, weight_decay=opt.weight_decay)
+        df["refresh_every"] = 0 if refresh is None or mode == "freeze" else refresh
+        df["momentum"], df["weight_decay"] = opt.momentum, opt.weight_decay
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     add_ident(out, {"run": ctx.run_name, "start_step": step, "epoch": ctx.epoch, "status": ctx.status})
@@ -130,6 +144,6 @@ ANALYSIS = Analysis(
     compute=compute,
     select=select,
     check=check,
-    format_version=1,
+    format_version=2,
     summary="escape ablation: SGD with the e1 component edited, from chosen checkpoints",
 )

@@ -522,6 +522,8 @@ def decomposed_step(
     n_random: int = 1,
     generator: torch.Generator | int = 0,
     chunk: int | None = None,
+    direction_lr: Sequence[float] | None = None,
+    full_steps: Tensor | None = None,
 ) -> pd.DataFrame:
     """Loss change from the SGD step restricted to one direction, for several step lengths.
 
@@ -536,11 +538,16 @@ def decomposed_step(
         theta: (D,); grads: (M, D) mini-batch gradients at theta; E: (k, D) orthonormal;
         eigenvalues: (k,) matching E's rows; lr: η; batches: the fixed subset for the loss.
         n_random: R random unit directions (shared by all gradients), from ``generator``.
+        direction_lr: (k,) the learning rate along each e_i (default ``lr`` for all), e.g. γη along
+            the nudged directions of a Nudged-SGD run; random directions always use ``lr``.
+        full_steps: (M, D) the update direction u_m of the whole step, θ' = θ − η'u_m (default the
+            gradients; for Nudged-SGD the nudged gradient g − (1−γ)Σ(gᵀe_i)e_i).
 
     Returns:
         One row per (gradient, direction, multiplier). Columns: ``grad`` (0..M-1),
         ``direction`` ("e1".."ek", "rand1".."randR", "full"), ``kind`` ("eigen", "random",
-        "full"), ``rank`` (i, r, or 0 for full), ``multiplier`` (a), ``lr_eff`` (η' = a·lr),
+        "full"), ``rank`` (i, r, or 0 for full), ``multiplier`` (a), ``lr_eff`` (η' = a·lr, with
+        the direction's own lr for e_i),
         ``eigenvalue`` (λ_i; NaN otherwise), ``eta_lambda_half`` (η'λ_i/2; NaN otherwise),
         ``g_dot_d`` (gᵀd; for "full" d = g/‖g‖ so this is ‖g‖), ``loss_before`` (L(θ)),
         ``loss_after`` (L(θ')), ``rel_change_pct`` (100·(L(θ')−L(θ))/L(θ), percent),
@@ -566,10 +573,18 @@ def decomposed_step(
     gnorm = grads.double().norm(dim=1).cpu().numpy()
     g_dot = np.concatenate([proj, gnorm[:, None]], axis=1)  # (M, k+R+1)
 
-    # Point (m, j, a): θ + coef · dirs[idx], with dirs = [E; R; G] so "full" uses its own g_m.
+    # Point (m, j, a): θ + coef · dirs[idx], with dirs = [E; R; U] so "full" uses its own u_m.
     a_arr = np.asarray(mult)
+    lr_dir = np.full(n_fixed + 1, float(lr))
+    if direction_lr is not None:
+        if len(direction_lr) != k:
+            raise ValueError(f"{len(direction_lr)} direction learning rates for {k} eigenvectors")
+        lr_dir[:k] = np.asarray(direction_lr, dtype=np.float64)
+    steps_u = grads if full_steps is None else full_steps.detach().to(theta)
+    if steps_u.shape != grads.shape:
+        raise ValueError(f"full_steps has shape {tuple(steps_u.shape)}, the gradients {tuple(grads.shape)}")
     coef = np.empty((M, n_fixed + 1, A))
-    coef[:, :n_fixed, :] = -lr * a_arr[None, None, :] * proj[:, :, None]
+    coef[:, :n_fixed, :] = -lr_dir[None, :n_fixed, None] * a_arr[None, None, :] * proj[:, :, None]
     coef[:, n_fixed, :] = -lr * a_arr[None, :]
     idx = np.empty((M, n_fixed + 1, A), dtype=np.int64)
     idx[:, :n_fixed, :] = np.arange(n_fixed)[None, :, None]
@@ -580,7 +595,7 @@ def decomposed_step(
         keep = np.repeat(g_ok, (n_fixed + 1) * A)  # skip points built from non-finite gradients
         after = np.full(keep.shape[0], np.nan)
         if keep.any():
-            dirs = torch.cat([fixed, torch.nan_to_num(grads)])
+            dirs = torch.cat([fixed, torch.nan_to_num(steps_u)])
             after[keep] = _losses_along(
                 model, loss_fn, theta, dirs,
                 torch.from_numpy(idx.reshape(-1)[keep]).to(theta.device),
@@ -596,7 +611,7 @@ def decomposed_step(
     eig = np.concatenate([lam, np.full(n_random + 1, np.nan)])
     n_d = n_fixed + 1
     rep = n_d * A
-    lr_eff = lr * np.tile(a_arr, M * n_d)
+    lr_eff = np.tile((lr_dir[:, None] * a_arr[None, :]).reshape(-1), M)
     diverged = np.repeat(~g_ok, rep)
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = 100.0 * (after - base) / base
@@ -622,6 +637,18 @@ def decomposed_step(
 # ----------------------------------------------------------------------------------------------
 # 4. Escape ablation: SGD with the e1 component of the step edited
 # ----------------------------------------------------------------------------------------------
+def _edit_step(step: Tensor, e: Tensor, mode: Mode, factor: float) -> Tensor:
+    """The step with its component along the unit vector e edited as ``mode`` says."""
+    along = (step @ e) * e
+    if mode in ("remove", "freeze"):
+        return step - along
+    if mode == "isolate":
+        return along
+    if mode == "rescale":
+        return step + (factor - 1.0) * along
+    return step
+
+
 def escape_ablation(
     model: nn.Module,
     loss_fn: LossFn,
@@ -638,10 +665,14 @@ def escape_ablation(
     lambda_max_fn: Callable[[Tensor], float] | None = None,
     e1_fn: Callable[[Tensor], Tensor] | None = None,
     refresh_every: int | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> pd.DataFrame:
-    """Continue plain SGD from ``theta`` with the step's component along e1 edited.
+    """Continue SGD from ``theta`` with the step's component along e1 edited.
 
-    With g the mini-batch gradient, s = −lr·g the plain step and e the current e1 (unit):
+    With g the mini-batch gradient plus weight_decay·θ, the heavy-ball buffer v ← momentum·v + g
+    (torch.optim.SGD's convention, v = 0 at the start), s = −lr·v the plain step and e the current
+    e1 (unit); the buffer keeps the unedited v, as Nudged-SGD's "correct_v" does:
 
     - ``"none"``: θ += s (plain SGD, the control);
     - ``"remove"``: θ += s − (sᵀe)e  (no motion along e);
@@ -662,6 +693,7 @@ def escape_ablation(
         e1: (D,) top eigenvector at ``theta``.
         batch_iter: yields the training mini-batches, one per step; running out raises ValueError.
         lr: SGD learning rate; steps: number of SGD updates.
+        momentum, weight_decay: as torch.optim.SGD's (0: plain SGD).
         eval_batches: fixed subset for the tracked loss (exact example weighting).
         eval_every: evaluate after every ``eval_every`` updates (plus at 0 and at ``steps``).
         lambda_max_fn: θ (D,) -> λ_max, e.g. a Lanczos call; None gives NaN.
@@ -688,6 +720,7 @@ def escape_ablation(
     g1 = _plain_grad(_flat_loss(model, loss_fn))  # one gradient per step: nothing to batch
     eff = {"none": 1.0, "remove": 0.0, "freeze": 0.0, "isolate": 1.0, "rescale": float(factor)}[mode]
     diverged = not _is_finite(th)
+    buf = torch.zeros_like(th)
 
     rows: list[dict] = []
 
@@ -713,15 +746,11 @@ def escape_ablation(
                 x, y = next(batch_iter)
             except StopIteration:
                 raise ValueError(f"batch_iter ran out after {t} of {steps} steps") from None
-            step = -lr * g1(th, x.to(th.device), y.to(th.device)).detach()
-            along = (step @ e) * e
-            if mode in ("remove", "freeze"):
-                step = step - along
-            elif mode == "isolate":
-                step = along
-            elif mode == "rescale":
-                step = step + (factor - 1.0) * along
-            th = th + step
+            g = g1(th, x.to(th.device), y.to(th.device)).detach()
+            if weight_decay:
+                g = g + weight_decay * th
+            buf = momentum * buf + g if momentum else g
+            th = th + _edit_step(-lr * buf, e, mode, factor)
             if mode == "freeze":
                 th = th - ((th - theta0) @ e0) * e0
             diverged = not _is_finite(th)

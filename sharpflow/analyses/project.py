@@ -14,8 +14,13 @@ Tables, each under ``runs/{run}/project/{kind}/step*.parquet``:
 - ``decomposed``: :func:`~sharpflow.analyses.numerics.decomposed_step` (one row per gradient,
   direction and multiplier) on the same subset and gradients.
 
-Every table also has ``run``, ``step``, ``epoch``, ``status``, ``lr``. A diverged checkpoint gives
-the same tables with NaN values and ``diverged`` = True.
+Every table also has ``run``, ``step``, ``epoch``, ``status``, ``lr`` (η in force at the checkpoint,
+after any schedule drop) and ``gamma`` (Nudged-SGD's γ along its top subspace, 1 otherwise). The
+projected step along e_i uses the learning rate the run really applies there: γη for the first
+nsgd.k directions of a Nudged-SGD run (the checkpoint's eigenvectors standing in for the optimizer's
+subspace, refreshed at its own schedule), η otherwise; the decomposed step's ``lr_eff`` records it,
+and its "full" step is the nudged one. A diverged checkpoint gives the same tables with NaN values
+and ``diverged`` = True.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from . import Analysis, every_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
     from .context import CheckpointContext
 
@@ -81,7 +87,8 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     else:
         E = ev["eigenvectors"][:k].to(device=device, dtype=theta.dtype)
         lam = ev["eigenvalues"][:k].double()
-    lr = ctx.run.optimizer.lr
+    lr = ctx.lr
+    lr_e = ctx.direction_lrs(k)
     view = ctx.view
     x, y, n_train, bs = view.x, view.y, view.n, view.batch_size
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
@@ -105,17 +112,38 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     dirs: dict[str, torch.Tensor] = {f"e{i}": E[i - 1] for i in cfg.cross_directions if i <= k}
     rnd = torch.randn(dim, generator=gen).to(device=device, dtype=theta.dtype)
     dirs["rand"] = rnd / rnd.norm()
-    steps_ = {name: A.typical_step(grads, d, lr) if ok else math.nan for name, d in dirs.items()}
+    dir_lr = {f"e{i}": lr_e[i - 1] for i in cfg.cross_directions if i <= k}
+    steps_ = {name: A.typical_step(grads, d, dir_lr.get(name, lr)) if ok else math.nan for name, d in dirs.items()}
     cross = A.cross_sections(model, loss_fn, theta, dirs, steps_, subset, ks=cfg.cross_ks)
     widths = A.cross_section_widths(cross, cfg.width_thresholds)
     decomp = A.decomposed_step(model, loss_fn, theta, grads, E, lam, lr, subset, multipliers=cfg.multipliers,
-                               generator=cfg.seed + step + 1)
+                               generator=cfg.seed + step + 1, direction_lr=lr_e,
+                               full_steps=_nudged(ctx, grads, ev["eigenvectors"], ok))
     tables = {"alignment": align, "cross_sections": cross, "widths": widths, "decomposed": decomp}
-    ident = {"run": ctx.run_name, "step": step, "epoch": ctx.epoch, "status": status, "lr": lr}
+    ident = {"run": ctx.run_name, "step": step, "epoch": ctx.epoch, "status": status, "lr": lr,
+             "gamma": _gamma(ctx)}
     for df in tables.values():
         add_ident(df, ident)
     ctx.log(f"[{ctx.run_name}] step {step}: project done in {time.perf_counter() - t0:.2f} s")
     return tables
+
+
+def _gamma(ctx: CheckpointContext) -> float:
+    """γ of a Nudged-SGD run along its top subspace; 1 for SGD and the random-subspace control."""
+    opt = ctx.run.optimizer
+    return opt.nsgd.gamma if opt.name == "nsgd" and opt.nsgd is not None and opt.nsgd.subspace == "top" else 1.0
+
+
+def _nudged(ctx: CheckpointContext, grads: torch.Tensor, eigvecs: torch.Tensor, ok: bool) -> torch.Tensor | None:
+    """The update directions of a Nudged-SGD run, g − (1−γ)Σ_{i≤K}(gᵀe_i)e_i, with the checkpoint's
+    top-K eigenvectors for the optimizer's subspace; None (the plain gradients) for SGD."""
+    gamma = _gamma(ctx)
+    if gamma == 1.0 or not ok:
+        return None
+    nsgd = ctx.run.optimizer.nsgd
+    assert nsgd is not None
+    e = eigvecs[: nsgd.k].to(device=grads.device, dtype=grads.dtype)
+    return grads - (1.0 - gamma) * (grads @ e.T) @ e
 
 
 ANALYSIS = Analysis(
@@ -124,6 +152,6 @@ ANALYSIS = Analysis(
     tables=("alignment", "cross_sections", "widths", "decomposed"),
     compute=compute,
     select=every_checkpoint,
-    format_version=1,
+    format_version=2,
     summary="projected-gradient analyses of one checkpoint (alignment, cross-sections, decomposed step)",
 )

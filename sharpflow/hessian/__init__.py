@@ -14,8 +14,8 @@ Modules:
   per-chunk ``torch.func.linearize`` fall-back.
 - :mod:`~sharpflow.hessian.solvers`: :func:`top_eigenpairs` and :class:`EigenResult`
   (thick-restart block Lanczos with true residuals, or scipy's ARPACK).
-- :mod:`~sharpflow.hessian.estimators`: :func:`frobenius_norm` (with :func:`frobenius_interval`) and :func:`trace` (Hutchinson,
-  Hutch++).
+- :mod:`~sharpflow.hessian.estimators`: :func:`frobenius_norm` (with :func:`frobenius_interval`)
+  and :func:`trace` (Hutchinson, Hutch++).
 """
 
 from __future__ import annotations
