@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FORMAT_VERSION, RunConfig
+from .config import BEST_NAME, FORMAT_VERSION, RunConfig
 from .errors import SharpflowError
 from .io import load_torch, publish, write_bytes
 
@@ -144,6 +144,14 @@ class _Writer:
             self._thread.start()
         self._jobs.put(job)
 
+    def dump_best(self, step: int, *, model: nn.Module, epoch: float, run_name: str, lr: float) -> None:
+        """``checkpoints/best.pt``: the best-validation weights (a checkpoint of ``step``, status "ok"),
+        written once at the end of training, atomically."""
+        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
+                         "epoch": epoch, "status": "ok", "run": run_name, "format": FORMAT_VERSION["train"],
+                         "lr": float(lr), "best": True})
+        self._writer.submit(lambda: write_bytes(self.dir / BEST_NAME, ck))
+
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for every submitted write; raise the first failure unless ``raise_errors`` is False."""
         if self._thread is not None:
@@ -199,7 +207,7 @@ class CheckpointWriter:
     def dump(
         self, step: int, *, model: nn.Module, epoch: float, status: str, run_name: str,
         optimizer: torch.optim.Optimizer, schedule: dict[str, float], rows: list[dict[str, Any]], wall_s: float,
-        lr: float,
+        lr: float, best: dict[str, Any] | None = None,
     ) -> None:
         """Checkpoint + resume state for ``step`` (weights after ``step`` updates; ``lr`` is the
         learning rate in force there, the one the next update uses).
@@ -214,7 +222,8 @@ class CheckpointWriter:
                          "lr": float(lr)})
         chunk = json.dumps(rows).encode()
         st = _serialise({"digest": self.stash.digest, "step": step, "optimizer": optimizer.state_dict(),
-                         "schedule": dict(schedule), "dumps": list(self.dumps), "wall_s": wall_s, "status": status})
+                         "schedule": dict(schedule), "dumps": list(self.dumps), "wall_s": wall_s, "status": status,
+                         "best": best})
         ck_path, rows_path, st_path = self.stash.checkpoint(step), self.stash.rows(step), self.stash.state()
         published = self.dir / ckpt_name(step)
 
@@ -226,6 +235,14 @@ class CheckpointWriter:
 
         self._writer.submit(write)
 
+    def dump_best(self, step: int, *, model: nn.Module, epoch: float, run_name: str, lr: float) -> None:
+        """``checkpoints/best.pt``: the best-validation weights (a checkpoint of ``step``, status "ok"),
+        written once at the end of training, atomically."""
+        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
+                         "epoch": epoch, "status": "ok", "run": run_name, "format": FORMAT_VERSION["train"],
+                         "lr": float(lr), "best": True})
+        self._writer.submit(lambda: write_bytes(self.dir / BEST_NAME, ck))
+
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for every submitted write; raise the first failure unless ``raise_errors`` is False."""
         self._writer.close(raise_errors=raise_errors)
@@ -235,4 +252,4 @@ class CheckpointWriter:
         self.stash.clear()
 
 
-__all__ = ["CKPT_KEYS", "CheckpointWriter", "ckpt_name", "load_checkpoint", "restore_model"]
+__all__ = ["BEST_NAME", "CKPT_KEYS", "CheckpointWriter", "ckpt_name", "load_checkpoint", "restore_model"]

@@ -143,6 +143,8 @@ def _plan_from(raw: Any, flag: str) -> dict[str, Any]:
 
 #: The keys of one run in ``sharpflow analyse-runs --runs``.
 RUN_ENTRY_KEYS = {"run", "run_name", "spectrum", "analyses", "data", "chain_starts", "checkpoints"}
+#: Optional keys: ``best``, the run's best-validation checkpoint (``checkpoints.best``).
+RUN_ENTRY_OPTIONAL = {"best"}
 
 
 def _parse_runs(text: str) -> list[dict[str, Any]]:
@@ -152,8 +154,9 @@ def _parse_runs(text: str) -> list[dict[str, Any]]:
         raise argparse.ArgumentTypeError("--runs: expected a non-empty JSON list of runs")
     runs = []
     for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or set(entry) != RUN_ENTRY_KEYS:
-            raise argparse.ArgumentTypeError(f"--runs[{i}]: expected an object with keys {sorted(RUN_ENTRY_KEYS)}")
+        if not isinstance(entry, dict) or not RUN_ENTRY_KEYS <= set(entry) <= RUN_ENTRY_KEYS | RUN_ENTRY_OPTIONAL:
+            raise argparse.ArgumentTypeError(f"--runs[{i}]: expected an object with keys {sorted(RUN_ENTRY_KEYS)} "
+                                             f"(and optionally {sorted(RUN_ENTRY_OPTIONAL)})")
         name = entry["run_name"]
         runs.append({
             "run": _validated(RunConfig, entry["run"], f"--runs[{name}].run"),
@@ -163,6 +166,7 @@ def _parse_runs(text: str) -> list[dict[str, Any]]:
             "data": Path(entry["data"]),
             "chain_starts": [int(s) for s in entry["chain_starts"]],
             "checkpoints": [Path(c) for c in entry["checkpoints"]],
+            "best": Path(entry["best"]) if entry.get("best") else None,
         })
     return runs
 
@@ -183,7 +187,7 @@ def cmd_analyse(a: argparse.Namespace) -> None:
     device = choose_device(a.device, log=_log)
     compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
                         spectrum=a.spectrum, analyses=_planned(a.analyses), results=a.results,
-                        chain_starts=a.chain_starts,
+                        chain_starts=a.chain_starts, best=a.best,
                         aggregate=a.aggregate, device=device, progress=not a.no_progress, log=_log)
     _write_timing(a.timing, compute)
 
@@ -200,7 +204,7 @@ def cmd_analyse_runs(a: argparse.Namespace) -> None:
     for r in a.runs:
         compute += run_chain(r["run"], run_name=r["run_name"], data_dir=r["data"], checkpoints=r["checkpoints"],
                              spectrum=r["spectrum"], analyses=_planned(r["analyses"]), results=a.results,
-                             chain_starts=r["chain_starts"], aggregate=True, device=device,
+                             chain_starts=r["chain_starts"], best=r["best"], aggregate=True, device=device,
                              progress=not a.no_progress, log=_log)
     _write_timing(a.timing, compute)
 
@@ -338,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps at which a new warm-start chain begins (default: only the first checkpoint)")
     sp.add_argument("--aggregate", action="store_true",
                     help="the checkpoints are all of the run's: also write runs/{run}/{kind}.parquet")
+    sp.add_argument("--best", type=Path, default=None, metavar="CHECKPOINT",
+                    help="the run's best-validation checkpoint (checkpoints.best): its spectrum, solved cold, goes "
+                    "to runs/{run}/spectrum_best/best.parquet and eigvecs/best.pt")
     sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, run=False)
     sp.add_argument("--runs", required=True, type=_parse_runs,
                     help="JSON list (or @file) of {run, run_name, spectrum, analyses, data, chain_starts, "
-                    "checkpoints}, one per run, as for `sharpflow analyse`")
+                    "checkpoints[, best]}, one per run, as for `sharpflow analyse`")
     sp.add_argument("--results", required=True, type=Path, help="the results root (outputs go to runs/{run}/...)")
     sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

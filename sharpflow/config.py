@@ -47,6 +47,9 @@ from .errors import ConfigError
 FORMAT_VERSION = {"prepare": 1, "train": 2, "spectrum": 2,
                   **{name: a.format_version for name, a in ANALYSES.items()}}
 
+#: The best-validation checkpoint's file name (``checkpoints.best``), beside the scheduled ones.
+BEST_NAME = "best.pt"
+
 #: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).
 MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm")
 
@@ -204,10 +207,20 @@ class CheckpointConfig(Strict):
     every_epochs: PositiveFloat | None = Field(1.0, description="Epochs between regular checkpoints.")
     log_points: NonNegativeInt = Field(0, description="Extra log-spaced checkpoints over the whole run.")
     max_checkpoints: PositiveInt = Field(2000, description="Refuse schedules longer than this.")
+    best: bool = Field(
+        False, description="Also keep the weights with the best validation accuracy (validated at every epoch "
+        "end) as checkpoints/best.pt, with train/test rows in the metrics and its spectrum "
+        "(runs/{run}/spectrum_best.parquet): the paper's best-validation quantities at the exact epoch."
+    )
 
 
 class EvalConfig(Strict):
     batch_size: PositiveInt = Field(2000, description="Examples per forward pass when evaluating.")
+    valid_every_epoch: bool = Field(
+        True, description="Evaluate and record the validation split at every epoch end (train/valid/test are "
+        "always evaluated at checkpoints); false: at checkpoints only (and where a plateau schedule, early "
+        "stopping or checkpoints.best needs it)."
+    )
     max_examples: PositiveInt | None = Field(
         None, description="Evaluate train/valid/test on at most this many examples each (None: all)."
     )

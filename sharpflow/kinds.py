@@ -16,6 +16,10 @@ from typing import Any
 
 from .errors import SharpflowError
 
+#: Tables a figure or table reads where a run has them, without requiring them of every run:
+#: ``spectrum_best`` exists only for runs with ``checkpoints.best``.
+OPTIONAL_TABLES = frozenset({"spectrum_best"})
+
 
 @dataclass(frozen=True)
 class Kinds:
@@ -53,4 +57,4 @@ class Kinds:
         return importlib.import_module(f"{self.package}.{self.modules[kind].removesuffix('.py')}")
 
 
-__all__ = ["Kinds"]
+__all__ = ["OPTIONAL_TABLES", "Kinds"]

@@ -34,6 +34,7 @@ Layout: :func:`train` builds a :class:`_Run` and calls :meth:`_Run.begin` (resum
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -54,10 +55,11 @@ from .io import write_parquet
 from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
-#: step, every step) or "train"/"valid"/"test" (full evaluations, at checkpoints and, under a
-#: plateau schedule, at epoch ends). ``loss`` is mean cross-entropy (nats), ``accuracy`` a
-#: fraction in [0, 1], ``lr`` the learning rate used for that step, ``wall_s`` seconds since
-#: the run started (summed over resumed sessions), ``dist_init`` ‖θ_t − θ_0‖₂ and
+#: step, every step) or "train"/"valid"/"test" (full evaluations at checkpoints; "valid" also at
+#: every epoch end unless ``eval.valid_every_epoch`` is false; with ``checkpoints.best``, "train"
+#: and "test" also at the best-validation step, evaluated on the saved best weights). ``loss`` is
+#: mean cross-entropy (nats), ``accuracy`` a fraction in [0, 1], ``lr`` the learning rate used for
+#: that step, ``wall_s`` seconds since the run started (summed over resumed sessions), ``dist_init`` ‖θ_t − θ_0‖₂ and
 #: ``param_norm`` ‖θ_t‖₂ (evaluation rows only), ``refresh_s``/``refresh_matvecs`` the cost of
 #: an NSGD subspace refresh done before that step (batch rows only, NaN otherwise), ``status``
 #: "ok" | "diverged" | "stopped".
@@ -315,6 +317,11 @@ class _Run:
         self.refresh_every = (self.nsgd.refresh_every_steps or self.spe) if self.nsgd else 0
         self.seed_steps = draws_randomness(self.model)
         self.start, self.status = 0, "ok"
+        self.keep_best = run.checkpoints.best
+        self.validate_epochs = self.sched.needs_validation or run.eval.valid_every_epoch or self.keep_best
+        #: the best validation so far: {"step", "epoch", "accuracy", "lr", "model" (with keep_best)}
+        self.best: dict[str, Any] | None = None
+        self._valid_at: tuple[int, float, float] | None = None  # (step, loss, accuracy) just evaluated
         self._lr_set = math.nan  # the learning rate in opt.param_groups
         self._wall_offset, self._t0 = 0.0, time.perf_counter()
 
@@ -344,6 +351,7 @@ class _Run:
         self.sched.state = dict(state["schedule"])
         self.metrics = _Metrics(state["rows"])
         self.start, self._wall_offset, self.status = int(state["step"]), float(state["wall_s"]), str(state["status"])
+        self.best = state.get("best")
         self.log(f"[{self.run_name}] resuming from step {self.start} of {self.last}")
         return True
 
@@ -369,7 +377,32 @@ class _Run:
         for s in self.steps:
             if s > self.ckpts.last_dumped:
                 self.dump(s)
+        if self.keep_best:
+            self._finish_best()
         self.ckpts.close()
+
+    def _finish_best(self) -> None:
+        """checkpoints/best.pt from the best validation's weights, and their train and test rows
+        (unless that step is a checkpoint, which has them)."""
+        best = self.best
+        if best is None or "model" not in best:  # no finite validation at all: the last weights
+            best = {"step": self.steps[-1], "epoch": self.steps[-1] / self.spe, "lr": self.sched.lr_at(
+                self.steps[-1] / self.spe), "model": {k: v.detach().cpu().clone() for k, v in
+                                                     self.model.state_dict().items()}}
+        step = int(best["step"])
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(best["model"])
+        if step not in self.ckpt_steps:
+            theta = _flat_params(model)
+            extra = {"dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm())}
+            for split, x, y in (("train", self.view.x, self.view.y), ("test", self.data.test.x, self.data.test.y)):
+                cap = self.run.eval.max_examples
+                loss, acc = evaluate(model, x[:cap] if cap else x, y[:cap] if cap else y, self.run.eval.batch_size)
+                self.metrics.add({"run": self.run_name, "step": step, "epoch": float(best["epoch"]), "split": split,
+                                  "loss": loss, "accuracy": acc, "lr": float(best["lr"]), "wall_s": self.wall(),
+                                  **extra, "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": "ok"})
+        self.ckpts.dump_best(step, model=model, epoch=float(best["epoch"]), run_name=self.run_name,
+                             lr=float(best["lr"]))
 
     # ------------------------------------------------------------------------------- one step
     def update(self, step: int) -> None:
@@ -417,13 +450,22 @@ class _Run:
         ends the run as diverged), validate at an epoch's end if the schedule needs it (early
         stopping), dump at a scheduled step."""
         at_ckpt = step in self.ckpt_steps
-        validate = step % self.spe == 0 and self.sched.needs_validation
+        validate = step % self.spe == 0 and self.validate_epochs
         if (at_ckpt or self.metrics.due or validate) and not self.metrics.flush():
             self.status = "diverged"
             self.log(f"[{self.run_name}] non-finite loss before step {step}: the run diverged")
         if self.status == "ok" and validate:
             val_loss, val_acc = self._evaluate(self.data.valid.x, self.data.valid.y)
-            if self.sched.end_of_epoch(val_loss, val_acc):
+            self._valid_at = (step, val_loss, val_acc)
+            if not at_ckpt:  # a checkpoint records it with its train and test rows
+                theta = _flat_params(self.model)
+                self.metrics.add({"run": self.run_name, "step": step, "epoch": step / self.spe, "split": "valid",
+                                  "loss": val_loss, "accuracy": val_acc, "lr": self.sched.lr_at(step / self.spe),
+                                  "wall_s": self.wall(), "dist_init": float((theta - self.theta0).norm()),
+                                  "param_norm": float(theta.norm()), "refresh_s": math.nan,
+                                  "refresh_matvecs": math.nan, "status": self.status})
+                self._track_best(step, val_acc)
+            if self.sched.needs_validation and self.sched.end_of_epoch(val_loss, val_acc):
                 self.status = "stopped"
                 self.log(f"[{self.run_name}] early stop at epoch {step // self.spe}: no val-accuracy gain "
                          f"in {self.sched.cfg.early_stop} epochs")
@@ -445,17 +487,36 @@ class _Run:
         d = self.data
         for split, x, y in (("train", self.view.x, self.view.y), ("valid", d.valid.x, d.valid.y),
                             ("test", d.test.x, d.test.y)):
-            loss, acc = self._evaluate(x, y) if self.status != "diverged" else (math.nan, math.nan)
+            if self.status == "diverged":
+                loss, acc = math.nan, math.nan
+            elif split == "valid" and self._valid_at is not None and self._valid_at[0] == step:
+                loss, acc = self._valid_at[1:]  # evaluated at this epoch's end already
+            else:
+                loss, acc = self._evaluate(x, y)
+            if split == "valid":
+                self._track_best(step, acc)
             self.metrics.add({"run": self.run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
                               "accuracy": acc, "lr": self.sched.lr_at(epoch), "wall_s": self.wall(), **extra,
                               "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": self.status})
+
+    def _track_best(self, step: int, val_acc: float) -> None:
+        """Remember ``step`` if its validation accuracy beats every earlier one (ties: the earliest),
+        with a copy of the weights when checkpoints.best keeps them."""
+        if self.status != "ok" or not math.isfinite(val_acc):
+            return
+        if self.best is not None and val_acc <= float(self.best["accuracy"]):
+            return
+        epoch = step / self.spe
+        self.best = {"step": step, "epoch": epoch, "accuracy": val_acc, "lr": self.sched.lr_at(epoch)}
+        if self.keep_best:
+            self.best["model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def dump(self, step: int) -> None:
         """The evaluation rows at ``step``, then its checkpoint and resume state."""
         self._eval_rows(step)
         self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
                         optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
-                        lr=self.sched.lr_at(step / self.spe))
+                        lr=self.sched.lr_at(step / self.spe), best=self.best)
 
 
 def train(

@@ -160,6 +160,28 @@ def test_best_validation_checkpoint_selection(nsgd_case):
     assert a["last_step"] == b["last_step"] == 40
 
 
+def test_saved_best_checkpoint_is_used_when_present(tmp_path, nsgd_case):
+    """Seed A kept its best checkpoint (checkpoints.best): step 25, between checkpoints, with its
+    own spectrum (λ_max 9.5, ‖H‖_F 17) and train/test rows written by training at that step."""
+    spec, inputs = nsgd_case
+    run = "nsgd-g0.1-s1"
+    d = tmp_path / "runs" / run
+    met = pd.read_parquet(d / "metrics.parquet")
+    extra = [{**met[(met.step == 20) & (met.split == split)].iloc[0].to_dict(), "step": 25, "epoch": 2.5,
+              "accuracy": acc, "dist_init": 1.6} for split, acc in (("train", 0.9), ("test", 0.8125))]
+    pd.concat([met, pd.DataFrame(extra)]).to_parquet(d / "metrics.parquet", index=False)
+    sb = spectrum(run, lam1=[9.5] * 5, frob=[17] * 5)
+    sb = sb[sb.step == 20].assign(step=25, epoch=2.5)
+    inputs = [*inputs, *write_run(tmp_path, run, spectrum_best=sb)]
+    csv, md, _ = make(tmp_path, "nsgd", spec, inputs)
+    row = csv.set_index("name").loc["γ=0.1"]
+    assert row["lmax_best_mean"] == (9.5 + 9.0) / 2 and row["frob_best_mean"] == (17 + 16) / 2
+    assert row["test_acc_best_pct_mean"] == (81.25 + 87.5) / 2
+    assert row["dist_init_best_mean"] == pytest.approx((1.6 + 2.5) / 2)
+    assert row["lmax_last_mean"] == (6 + 7) / 2  # the last checkpoint is unchanged
+    assert "where a run keeps it (checkpoints.best)" in md
+
+
 def test_frobenius_fallback_is_a_marked_lower_bound(tmp_path, nsgd_case):
     csv, md, tex = make(tmp_path, "nsgd", *nsgd_case)
     row = csv.set_index("name").loc["SGD(η=0.01)"]

@@ -87,6 +87,60 @@ def test_resume_after_crash_is_bitwise_identical(tiny_data, tiny_dataset, tmp_pa
     pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
 
 
+def _best_run():
+    # 16 steps per epoch, 10 epochs, checkpoints every 4 epochs: most epoch ends are not checkpoints
+    return tiny_run(optimizer__lr=0.3, optimizer__momentum=0.9, steps=160,
+                    checkpoints={"zoom_every": 0, "every_epochs": 4, "best": True})
+
+
+def test_best_validation_checkpoint(tiny_data, tiny_dataset, tmp_path):
+    """Validation at every epoch end; best.pt holds the weights of the first epoch with the highest
+    validation accuracy (re-evaluated here from the file), with train and test rows at its step."""
+    from sharpflow.data import load_prepared
+    from sharpflow.models import build_model
+    from sharpflow.train import evaluate
+
+    run = _best_run()
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    valid = df[df.split == "valid"].sort_values("step")
+    assert valid.step.tolist() == [0, *range(16, 161, 16)]  # every epoch end, plus step 0
+    best_step = int(valid.step.iloc[int(valid.accuracy.to_numpy().argmax())])
+    assert best_step not in (0, 64, 128, 160)  # an epoch end between checkpoints
+    ck = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert ck["step"] == best_step and ck["status"] == "ok" and ck["best"] is True
+    assert ck["lr"] == 0.3 and ck["epoch"] == best_step / 16
+    data = load_prepared(tiny_data)
+    model = build_model(run.model, tuple(data.input_shape), data.num_classes)
+    model.load_state_dict(ck["model"])
+    loss, acc = evaluate(model, data.valid.x, data.valid.y, 2000)
+    assert acc == float(valid[valid.step == best_step].accuracy.iloc[0])
+    at_best = df[df.step == best_step].set_index("split")
+    assert {"train", "valid", "test"} <= set(at_best.index)
+    assert at_best.loc["test", "accuracy"] == evaluate(model, data.test.x, data.test.y, 2000)[1]
+    assert at_best.loc["test", "dist_init"] == pytest.approx(at_best.loc["valid", "dist_init"])
+    # without checkpoints.best: the same validation rows, no best.pt, no extra train/test rows
+    plain = _train(tiny_run(optimizer__lr=0.3, optimizer__momentum=0.9, steps=160,
+                            checkpoints={"zoom_every": 0, "every_epochs": 4}), tiny_dataset, tiny_data,
+                   tmp_path / "plain")
+    assert plain[plain.split == "valid"].accuracy.tolist() == valid.accuracy.tolist()
+    assert plain[plain.split == "test"].step.tolist() == [0, 64, 128, 160]
+    assert not (tmp_path / "plain" / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("crash_after", [40, 100])
+def test_best_checkpoint_survives_a_crash(tiny_data, tiny_dataset, tmp_path, crash_after):
+    run = _best_run()
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=crash_after)
+    for p in _ckpts(out):
+        p.unlink()
+    again = _train(run, tiny_dataset, tiny_data, out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+    a, b = (load_checkpoint(d / "checkpoints" / "best.pt") for d in (tmp_path / "ref", out))
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_resume_state_of_another_config_is_ignored(tiny_data, tiny_dataset, tmp_path):
     _train(tiny_run(), tiny_dataset, tiny_data, tmp_path, stop_after=20)
     ref = _train(tiny_run(optimizer__lr=0.05), tiny_dataset, tiny_data, tmp_path / "ref")

@@ -39,7 +39,9 @@ def tiny_config(results: Path) -> dict:
                      "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"},
         "studies": {
             "eta": {"sweep": {"optimizer.lr": [0.05, 0.1]}},
-            "other": {"base": {"optimizer": {"lr": 0.2}}, "project": {"enabled": False}},
+            "other": {"base": {"optimizer": {"lr": 0.2}, "checkpoints": {"zoom_every": 0, "every_epochs": 1,
+                                                                          "best": True}},
+                      "project": {"enabled": False}},
         },
         "spectrum": {"k": 3, "frobenius_probes": 2},
         "project": {"k": 2, "alignment_batches": 3, "grad_batches": 2, "subset": 64,
@@ -127,6 +129,13 @@ def test_every_output_exists_and_is_consistent(finished):
         for kind in ("alignment", "cross_sections", "widths", "decomposed"):
             assert len(pd.read_parquet(res / "runs" / run / f"{kind}.parquet"))
     assert not (res / "runs" / "other" / "alignment.parquet").exists()  # project disabled there
+    # the run that keeps its best-validation checkpoint: its spectrum, at the best epoch end
+    met = pd.read_parquet(res / "runs" / "other" / "metrics.parquet")
+    valid = met[met.split == "valid"].sort_values("step")
+    best = pd.read_parquet(res / "runs" / "other" / "spectrum_best.parquet")
+    assert best.step.unique().tolist() == [int(valid.step.iloc[int(valid.accuracy.to_numpy().argmax())])]
+    assert best.converged.all() and len(best) == 3
+    assert not (res / "runs" / "eta-lr0.1" / "spectrum_best.parquet").exists()
     esc = pd.read_parquet(res / "runs" / "eta-lr0.1" / "escape.parquet")
     assert set(esc["mode"]) == {"none", "remove"} and esc.lambda_max.notna().all()
     for name in ("eta_grid", "other_grid", "alignment", "escape"):

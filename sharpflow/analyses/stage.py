@@ -42,9 +42,12 @@ Log = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------------- file layout
-def spectrum_paths(results: str | Path, run: str, step: int) -> tuple[Path, Path]:
-    """The spectrum table and the eigenvector file of one checkpoint."""
+def spectrum_paths(results: str | Path, run: str, step: int | None) -> tuple[Path, Path]:
+    """The spectrum table and the eigenvector file of one checkpoint (``step`` None: the run's
+    best-validation checkpoint, ``spectrum_best/best.parquet`` and ``eigvecs/best.pt``)."""
     root = Path(results) / "runs" / run
+    if step is None:
+        return root / "spectrum_best" / "best.parquet", root / "eigvecs" / "best.pt"
     return root / "spectrum" / f"step{step:08d}.parquet", root / "eigvecs" / f"step{step:08d}.pt"
 
 
@@ -62,22 +65,26 @@ class _Stash:
 
     root: Path
 
-    def files(self, what: str, names: Sequence[str], step: int) -> dict[str, Path]:
-        """The stashed tables ``names`` of ``what`` at ``step``."""
-        return {n: self.root / what / n / f"step{step:08d}.parquet" for n in names}
+    def files(self, what: str, names: Sequence[str], step: int | str) -> dict[str, Path]:
+        """The stashed tables ``names`` of ``what`` at ``step`` (an int, or "best")."""
+        return {n: self.root / what / n / f"{_label(step)}.parquet" for n in names}
 
-    def key_file(self, what: str, step: int) -> Path:
-        return self.root / what / f"step{step:08d}.key"
+    def key_file(self, what: str, step: int | str) -> Path:
+        return self.root / what / f"{_label(step)}.key"
 
-    def valid(self, what: str, step: int, key: str, files: Sequence[Path]) -> bool:
+    def valid(self, what: str, step: int | str, key: str, files: Sequence[Path]) -> bool:
         kf = self.key_file(what, step)
         try:
             return kf.read_text() == key and all(f.exists() for f in files)
         except OSError:
             return False
 
-    def seal(self, what: str, step: int, key: str) -> None:
+    def seal(self, what: str, step: int | str, key: str) -> None:
         write_text(self.key_file(what, step), key)
+
+
+def _label(step: int | str) -> str:
+    return step if isinstance(step, str) else f"step{step:08d}"
 
 
 # ------------------------------------------------------------------------------------ the chain
@@ -100,6 +107,7 @@ def run_chain(
     analyses: Sequence[Planned],
     results: str | Path,
     chain_starts: Sequence[int] | None = None,
+    best: str | Path | None = None,
     aggregate: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -110,8 +118,10 @@ def run_chain(
 
     ``checkpoints``: the checkpoint files in step order. ``chain_starts``: the steps at which a new
     warm-start chain begins (solved cold); None: only the first. ``aggregate``: the checkpoints are
-    all of the run's, so also write its aggregated tables ``runs/{run}/{kind}.parquet``. Outputs go
-    to the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
+    all of the run's, so also write its aggregated tables ``runs/{run}/{kind}.parquet``. ``best``:
+    the run's best-validation checkpoint, whose spectrum (solved cold, no other analysis) goes to
+    ``spectrum_paths(results, run, None)`` and, aggregated, ``runs/{run}/spectrum_best.parquet``.
+    Outputs go to the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
     """
     from ..data import load_prepared
     from ..results import aggregate as concat
@@ -140,6 +150,11 @@ def run_chain(
                     written.setdefault(kind, []).append(out)
         log(f"[{run_name}] checkpoint {i + 1} of {len(checkpoints)} (step {step}) done, "
             f"{time.perf_counter() - t0:.1f} s so far")
+    if best is not None:
+        ctx = open_checkpoint(run, run_name, data, best, device, log=log)
+        _spectrum(ctx, spectrum, spec_json, None, None, stash, sha256_file(best), results, progress, label="best")
+        written["spectrum_best"] = [spectrum_paths(results, run_name, None)[0]]
+        log(f"[{run_name}] best-validation checkpoint (step {ctx.step}) done")
     if aggregate:
         for kind, files in written.items():
             concat(files, Path(results) / "runs" / run_name / f"{kind}.parquet")
@@ -148,20 +163,22 @@ def run_chain(
 
 def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previous: dict[str, Any] | None,
               previous_key: str | None, stash: _Stash, ck_sha: str, results: str | Path,
-              progress: bool) -> tuple[dict[str, Any], str]:
-    """The spectrum of one checkpoint, from the stash or computed; its eigenvectors and key."""
+              progress: bool, label: str | None = None) -> tuple[dict[str, Any], str]:
+    """The spectrum of one checkpoint, from the stash or computed; its eigenvectors and key.
+    ``label`` "best": the best-validation checkpoint (its own stash slot and output paths)."""
     step = ctx.step
+    slot: int | str = label or step
     key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
-    files = {**stash.files("spectrum", ["spectrum"], step),
-             "eigvecs": stash.root / "spectrum" / "eigvecs" / f"step{step:08d}.pt"}
-    if not stash.valid("spectrum", step, key, list(files.values())):
+    files = {**stash.files("spectrum", ["spectrum"], slot),
+             "eigvecs": stash.root / "spectrum" / "eigvecs" / f"{_label(slot)}.pt"}
+    if not stash.valid("spectrum", slot, key, list(files.values())):
         table, vecs = spectrum_mod.compute(ctx, cfg, previous, progress=progress, log=ctx.log)
         save_torch(files["eigvecs"], vecs)
         write_parquet(files["spectrum"], table)
-        stash.seal("spectrum", step, key)
+        stash.seal("spectrum", slot, key)
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: spectrum reused from the stash")
-    out_table, out_vecs = spectrum_paths(results, ctx.run_name, step)
+    out_table, out_vecs = spectrum_paths(results, ctx.run_name, None if label else step)
     publish(files["spectrum"], out_table, touch=True)
     publish(files["eigvecs"], out_vecs, touch=True)
     ctx.with_eigvecs(out_vecs)

@@ -5,11 +5,12 @@ module of a table kind is imported only by :func:`make_table`.
 
 Table kinds (module, tables read):
 
-- ``nsgd`` (nsgd.py; metrics, spectrum): one row per NSGD γ (per (γ, K) when K varies too) and per
+- ``nsgd`` (nsgd.py; metrics, spectrum, and spectrum_best where a run keeps its best checkpoint):
+  one row per NSGD γ (per (γ, K) when K varies too) and per
   SGD baseline η, mean ± std over seeds of ‖H‖_F and λ_max at the best-validation and the last
   checkpoint, test accuracy at the best-validation checkpoint, validation accuracy at an early
   epoch, final training loss and distance from the initialisation.
-- ``nsgd_k`` (nsgd.py; metrics, spectrum): the same columns for a K-ablation, one row per K
+- ``nsgd_k`` (nsgd.py; the same tables): the same columns for a K-ablation, one row per K
   (and γ when it varies), then the SGD baselines.
 - ``peak`` (peak.py; spectrum): per run (η, S), the peak of λ_max, the step and epoch at which it
   peaks, η·λ_max/2 there, and the final λ_max.
@@ -26,8 +27,8 @@ from ..kinds import Kinds
 
 #: table kind -> the table kinds (file stems) it reads.
 KINDS: dict[str, tuple[str, ...]] = {
-    "nsgd": ("metrics", "spectrum"),
-    "nsgd_k": ("metrics", "spectrum"),
+    "nsgd": ("metrics", "spectrum", "spectrum_best"),
+    "nsgd_k": ("metrics", "spectrum", "spectrum_best"),
     "peak": ("spectrum",),
 }
 

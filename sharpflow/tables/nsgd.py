@@ -2,8 +2,12 @@
 
 Per run:
 
-- best-validation checkpoint: the checkpoint (a step present in the spectrum table, or in the
-  metrics if there is no spectrum) with the highest validation accuracy; ties go to the earliest;
+- best-validation checkpoint: with ``checkpoints.best`` (a ``spectrum_best`` table), the run's
+  saved best-validation checkpoint: the epoch end with the highest validation accuracy of all
+  (validated at every epoch), its spectrum, and its train/test rows. Otherwise the checkpoint (a
+  step present in the spectrum table, or in the metrics if there is no spectrum) with the highest
+  validation accuracy, which can be up to one checkpoint interval from the best epoch. Ties go to
+  the earliest;
 - last checkpoint: the largest step of the spectrum table (of the metrics' evaluations without one);
 - ‖H‖_F: the spectrum's ``frobenius`` (a Gaussian-probe estimate). If it is NaN the table uses
   sqrt(Σ λ_i²) over the top-K eigenvalues instead, a LOWER BOUND, marked "†" with a footnote (and
@@ -97,23 +101,29 @@ def _at(df: pd.DataFrame, step: float, col: str) -> float:
 def run_summary(data: Data, run: str, early: float) -> dict[str, Any]:
     """The per-run quantities of the table (accuracies in %), plus the chosen steps."""
     sp = data.rows("spectrum", run)
+    sp_best = data.rows("spectrum_best", run)
     met = data.rows("metrics", run)
     evals = met[met["split"] != "batch"] if len(met) else met
     valid = evals[(evals["split"] == "valid") & np.isfinite(evals["accuracy"])] if len(evals) else evals
     ckpts = set(sp["step"]) if len(sp) else set(evals["step"]) if len(evals) else set()
-    cand = valid[valid["step"].isin(ckpts)] if len(valid) else valid
-    out: dict[str, Any] = {"best_step": math.nan, "last_step": math.nan}
-    if len(cand):
-        cand = cand.sort_values("step", kind="stable")
-        best = cand.loc[cand["accuracy"].idxmax()]  # idxmax: the first maximum in step order
-        out["best_step"], out["best_epoch"] = float(best["step"]), float(best["epoch"])
+    out: dict[str, Any] = {"best_step": math.nan, "last_step": math.nan, "best_saved": len(sp_best) > 0}
+    if len(sp_best):  # the saved best-validation checkpoint: its own spectrum
+        out["best_step"], out["best_epoch"] = float(sp_best["step"].iloc[0]), float(sp_best["epoch"].iloc[0])
+        sp_at_best = sp_best
+    else:
+        cand = valid[valid["step"].isin(ckpts)] if len(valid) else valid
+        if len(cand):
+            cand = cand.sort_values("step", kind="stable")
+            best = cand.loc[cand["accuracy"].idxmax()]  # idxmax: the first maximum in step order
+            out["best_step"], out["best_epoch"] = float(best["step"]), float(best["epoch"])
+        sp_at_best = sp[sp["step"] == out["best_step"]] if len(sp) else sp
     if ckpts:
         out["last_step"] = float(max(ckpts))
     bs, ls = out["best_step"], out["last_step"]
     rank1 = lambda_max_rows(sp)
-    out["frob_best"], out["frob_best_lb"] = _frobenius(sp[sp["step"] == bs]) if len(sp) else (math.nan, False)
+    out["frob_best"], out["frob_best_lb"] = _frobenius(sp_at_best)
     out["frob_last"], out["frob_last_lb"] = _frobenius(sp[sp["step"] == ls]) if len(sp) else (math.nan, False)
-    out["lmax_best"] = _at(rank1, bs, "eigenvalue") if len(sp) else math.nan
+    out["lmax_best"] = _at(lambda_max_rows(sp_at_best), bs, "eigenvalue") if len(sp_at_best) else math.nan
     out["lmax_last"] = _at(rank1, ls, "eigenvalue") if len(sp) else math.nan
     test = evals[evals["split"] == "test"] if len(evals) else evals
     out["test_acc_best_pct"] = 100 * _at(test, bs, "accuracy") if len(test) else math.nan
@@ -174,10 +184,17 @@ def build(kind: str, data: Data, opts: dict[str, Any]) -> Table:
         how = "the first validation epoch at or after 25 % of training (style.early_epoch: quarter)"
     else:
         how = "style.early_epoch"
+    saved = [bool(s["best_saved"]) for s in summaries.values()]
+    if all(saved):
+        best_how = "the epoch with the highest validation accuracy (validated every epoch; checkpoints.best)"
+    elif any(saved):
+        best_how = ("the epoch with the highest validation accuracy where a run keeps it (checkpoints.best), "
+                    "else the checkpoint with the highest")
+    else:
+        best_how = "the checkpoint with the highest validation accuracy (checkpoints.best: the exact epoch)"
     notes = [
         "Mean ± sample std (ddof=1) over seeds; diverged seeds' NaN values are left out.",
-        "best-val: the checkpoint with the highest validation accuracy (earliest on ties); "
-        "last: the last checkpoint. λ and ‖H‖ in nats/param².",
+        f"best-val: {best_how}, earliest on ties; last: the last checkpoint. λ and ‖H‖ in nats/param².",
         f"val acc @ epoch {e_text}: {how}; each run's first validation at or after it.",
     ]
     if any_lb:

@@ -19,6 +19,7 @@ for _run in ANALYSED:
                 job_name(_run, _i)
             input:
                 checkpoints=[ckpt_path(_run, s) for s in job_steps(_job)],
+                best=best_input(_run, _job),
                 data=data_files(RUNS[_run].dataset),
             output:
                 job_outputs(_run, _job),
@@ -29,6 +30,7 @@ for _run in ANALYSED:
                 name=_run,
                 starts=" ".join(str(chain[0]) for chain in _job),
                 aggregate="--aggregate" if _run not in SPLIT else "",
+                best=lambda w, input: f"--best {shlex.quote(input.best[0])}" if input.best else "",
                 data=lambda w, input: parent(input.data[0]),
                 results=results_root(3 if _run not in SPLIT else 4),
                 timing=f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.json",
@@ -46,7 +48,7 @@ for _run in ANALYSED:
                 "sharpflow analyse --no-progress --threads {threads} --spectrum {params.spectrum:q} "
                 "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "
                 "--data {params.data:q} --results {params.results:q} --chain-starts {params.starts} "
-                "{params.aggregate} --timing {params.timing:q} {input.checkpoints:q} 2> {log:q}"
+                "{params.aggregate} {params.best} --timing {params.timing:q} {input.checkpoints:q} 2> {log:q}"
 
 
 # resources.runs_per_job > 1: several whole runs of a study, one after another in one process.
@@ -60,6 +62,7 @@ for _group, _runs in GROUPS.items():
             rule_name("analyse", _group)
         input:
             checkpoints=[ckpt_path(r, s) for r in _runs for s in job_steps(JOBS[r][0])],
+            best=[best_path(r) for r in _runs if r in BEST],
             data=sorted({f for r in _runs for f in data_files(RUNS[r].dataset)}),
         output:
             [path for r in _runs for path in aggregated(r)],

@@ -1,12 +1,15 @@
 # Config loading and validation (pydantic), sweep expansion, checkpoint plans, path helpers.
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
+from sharpflow.kinds import OPTIONAL_TABLES
 from sharpflow.config import (
+    BEST_NAME,
     FORMAT_VERSION,
     ConfigError,
     analysis_config,
@@ -103,7 +106,11 @@ for _run in ANALYSED:
     for _name, (_section, _steps) in PLAN[_run].items():
         for _kind in ANALYSES[_name].tables:
             TABLE_STEPS[(_run, _kind)] = _steps
-TABLE_KINDS = ["spectrum", *TABLE_OWNERS]
+#: runs that keep their best-validation checkpoint (checkpoints.best): its spectrum is a table of its own.
+BEST = [run for run in ANALYSED if RUNS[run].checkpoints.best]
+for _run in BEST:
+    TABLE_STEPS[(_run, "spectrum_best")] = ["best"]
+TABLE_KINDS = ["spectrum", "spectrum_best", *TABLE_OWNERS]
 #: The analysis jobs' result-format params: the spectrum's and every analysis's version.
 ANALYSE_VERSION = dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]})
 
@@ -123,6 +130,25 @@ def run_data(wildcards):
 
 def ckpt_path(run, step):
     return f"{R}/runs/{run}/checkpoints/step{step:08d}.pt"
+
+
+def best_path(run):
+    return f"{R}/runs/{run}/checkpoints/{BEST_NAME}"
+
+
+def train_outputs(run):
+    """The checkpoints a train job declares: the scheduled ones, and best.pt with checkpoints.best."""
+    out = [checkpoint_output(run, s) for s in STEPS[run]]
+    return out + [best_path(run)] if RUNS[run].checkpoints.best else out
+
+
+def best_input(run, job):
+    """best.pt for the analysis job that covers the run's last chain (its spectrum is computed there)."""
+    return [best_path(run)] if run in BEST and job is JOBS[run][-1] else []
+
+
+def best_files(run):
+    return [f"{R}/runs/{run}/spectrum_best/best.parquet", f"{R}/runs/{run}/eigvecs/best.pt"]
 
 
 def checkpoint_output(run, step):
@@ -163,7 +189,7 @@ def job_outputs(run, job):
     if run not in SPLIT:
         return aggregated(run)
     steps = job_steps(job)
-    out = [path for step in steps for path in spectrum_files(run, step)]
+    out = [path for step in steps for path in spectrum_files(run, step)] + (best_files(run) if best_input(run, job) else [])
     for name, (_, selected) in PLAN[run].items():
         a = ANALYSES[name]
         out += [a.path(R, run, kind, step) for step in steps if step in selected for kind in a.tables]
@@ -210,6 +236,7 @@ def group_entry(run):
         "data": data_dir(RUNS[run].dataset),
         "chain_starts": [chain[0] for chain in job],
         "checkpoints": [ckpt_path(run, s) for s in job_steps(job)],
+        **({"best": best_path(run)} if run in BEST else {}),
     }
 
 
@@ -224,6 +251,8 @@ def per_checkpoint(run, kind):
     """A run's per-checkpoint tables of one kind, in step order."""
     if kind == "spectrum":
         return [f"{R}/runs/{run}/spectrum/step{s:08d}.parquet" for s in TABLE_STEPS[(run, kind)]]
+    if kind == "spectrum_best":
+        return best_files(run)[:1]
     a = ANALYSES[TABLE_OWNERS[kind]]
     return [a.path(R, run, kind, s) for s in TABLE_STEPS[(run, kind)]]
 
@@ -262,10 +291,15 @@ def presentation_inputs(item, table_kinds):
     """The aggregated tables a figure or table reads: exactly its studies' runs' files (a run
     counts for an analysis's tables only where that analysis ran, e.g. escape's chosen runs)."""
     runs = study_runs(item.studies)
-    analysed = [t for t in table_kinds if t != "metrics"]
+    analysed = [t for t in table_kinds if t != "metrics" and t not in OPTIONAL_TABLES]
     if analysed:
         runs = [run for run in runs if all((run, t) in TABLE_STEPS for t in analysed)]
-    return [f"{R}/runs/{run}/{t}.parquet" for run in runs for t in table_kinds]
+    return [
+        f"{R}/runs/{run}/{t}.parquet"
+        for run in runs
+        for t in table_kinds
+        if t not in OPTIONAL_TABLES or (run, t) in TABLE_STEPS
+    ]
 
 
 def code_inputs(package, kind):

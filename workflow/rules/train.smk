@@ -10,7 +10,7 @@ for _run, _rc in RUNS.items():
         output:
             # metrics first: what other rules ask for is then matched without scanning the checkpoints
             metrics=f"{R}/runs/{_run}/metrics.parquet",
-            checkpoints=[checkpoint_output(_run, s) for s in STEPS[_run]],
+            checkpoints=train_outputs(_run),
         params:
             run=dump_json(_rc),
             dataset=dump_json(CFG.datasets[_rc.dataset]),
