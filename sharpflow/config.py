@@ -277,6 +277,12 @@ class SpectrumConfig(Strict):
     eigvec_dtype: Literal["float32", "float16"] = "float32"
     chunk_size: PositiveInt | None = Field(None, description="Examples per HVP chunk (bounds memory).")
     eval_mode: bool = Field(True, description="Hessian of the inference-mode model (BN/dropout off).")
+    augment: Literal["none", "fixed"] = Field(
+        "none",
+        description="For runs with augment: true, the images the Hessian is taken over: 'none', the raw "
+        "Hessian subset; 'fixed', one augmented copy of it drawn per checkpoint (seeded by the step, the same "
+        "for every product of that checkpoint), as the paper drew a fresh augmented sample per computation.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SpectrumConfig:

@@ -556,3 +556,49 @@ def test_escape_stage_continues_the_run_and_refreshes_e1(tiny_data, tiny_dataset
     fixed = escape(ctx, EscapeConfig(checkpoints={"r": [16]}, iterations=16, eval_every=8, subset=64,
                                      modes=["remove", "freeze"], refresh_every=0))["escape"].set_index(["mode", "step"])
     np.testing.assert_allclose(fixed.loc["remove"].loss, fixed.loc["freeze"].loss, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The Hessian of augmented data (spectrum.augment)
+# ----------------------------------------------------------------------------------------------
+def test_spectrum_over_a_fixed_augmented_sample(tmp_path) -> None:
+    """spectrum.augment 'fixed': the Hessian of an augmented copy of the subset, drawn per checkpoint
+    (the same for every product of it, another for another step); its λ1 is that of an operator
+    built by hand over those images and differs from the raw subset's; recorded in the table."""
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.analyses.spectrum import augment_batches
+    from sharpflow.analyses.spectrum import compute as spectrum
+    from sharpflow.config import DatasetConfig, RunConfig, SpectrumConfig
+    from sharpflow.data import hessian_batches, load_prepared, prepare
+    from sharpflow.hessian import HessianOperator, top_eigenpairs
+    from sharpflow.models import loss_fn
+    from sharpflow.train import train
+
+    ds = DatasetConfig(source="synthetic_images", synthetic_train=120, synthetic_test=20, valid_size=20,
+                       hessian_subset=24, seed=1)
+    prepare(ds, tmp_path / "data", progress=False, log=lambda *_: None)
+    run = RunConfig.model_validate({"dataset": "img", "model": {"name": "mlp", "kwargs": {"hidden": [3]}},
+                                    "optimizer": {"lr": 0.05, "batch_size": 20}, "steps": 10, "augment": True,
+                                    "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"})
+    train(run, ds, run_name="r", data_dir=tmp_path / "data", out_dir=tmp_path / "r", progress=False,
+          log=lambda *_: None)
+    data = load_prepared(tmp_path / "data")
+    ctx = open_checkpoint(run, "r", data, tmp_path / "r" / "checkpoints" / "step00000010.pt", torch.device("cpu"),
+                          log=lambda *_: None)
+    quiet = {"log": lambda *_: None}
+    fixed, _ = spectrum(ctx, SpectrumConfig(k=1, tol=1e-5, augment="fixed"), **quiet)
+    raw, _ = spectrum(ctx, SpectrumConfig(k=1, tol=1e-5), **quiet)
+    assert fixed.augment.tolist() == ["fixed"] and raw.augment.tolist() == ["none"]
+    raw_batches = hessian_batches(data, 24)
+    aug = augment_batches(raw_batches, 10)
+    assert not torch.equal(aug[0][0], raw_batches[0][0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(aug, augment_batches(raw_batches, 10), strict=True))
+    assert not torch.equal(aug[0][0], augment_batches(raw_batches, 11)[0][0])
+    by_hand = top_eigenpairs(HessianOperator(ctx.model(), loss_fn, aug), k=1, tol=1e-5, backend="arpack")
+    assert float(fixed.eigenvalue.iloc[0]) == pytest.approx(float(by_hand.eigenvalues[0]), rel=1e-4)
+    assert abs(float(fixed.eigenvalue.iloc[0]) / float(raw.eigenvalue.iloc[0]) - 1) > 1e-3
+    # a run without augmentation: 'fixed' changes nothing
+    plain = ctx.run.model_copy(update={"augment": False})
+    ctx2 = open_checkpoint(plain, "r", data, ctx.checkpoint_path, torch.device("cpu"), log=lambda *_: None)
+    again, _ = spectrum(ctx2, SpectrumConfig(k=1, tol=1e-5, augment="fixed"), **quiet)
+    assert again.augment.tolist() == ["none"] and again.eigenvalue.iloc[0] == raw.eigenvalue.iloc[0]

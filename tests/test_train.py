@@ -112,7 +112,7 @@ def test_best_validation_checkpoint(tiny_data, tiny_dataset, tmp_path):
     data = load_prepared(tiny_data)
     model = build_model(run.model, tuple(data.input_shape), data.num_classes)
     model.load_state_dict(ck["model"])
-    loss, acc = evaluate(model, data.valid.x, data.valid.y, 2000)
+    _loss, acc = evaluate(model, data.valid.x, data.valid.y, 2000)
     assert acc == float(valid[valid.step == best_step].accuracy.iloc[0])
     at_best = df[df.step == best_step].set_index("split")
     assert {"train", "valid", "test"} <= set(at_best.index)

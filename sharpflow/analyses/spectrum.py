@@ -6,7 +6,9 @@ Tables (Parquet, one row per observation; ``run``, ``step``, ``epoch`` and ``sta
 ``spectrum/step*.parquet``: one row per eigenpair —
     rank (1 = largest), eigenvalue (signed), residual ‖Hv−λv‖₂, rel_residual (residual/|λ|),
     converged (rel_residual ≤ tol), matvecs and seconds (of the whole solve), n (examples),
-    k, tol, which ("LA"|"LM"), backend, warm (warm-started?), and per-checkpoint summaries
+    k, tol, which ("LA"|"LM"), backend, augment ("none": the raw Hessian subset; "fixed": one
+    augmented copy of it drawn for this checkpoint, ``spectrum.augment``), warm (warm-started?), and
+    per-checkpoint summaries
     repeated on each row: loss (Hessian-subset loss, nats), grad_norm, frobenius (‖H‖_F
     estimate), frobenius_se (delta-method, the probes' spread), frobenius_lo and frobenius_hi (a 95 %
     interval with honest coverage, :func:`~sharpflow.hessian.estimators.frobenius_interval`), trace
@@ -39,6 +41,27 @@ def warm_start(previous: dict[str, Any] | None, dim: int, device: torch.device) 
     if vecs.ndim == 2 and vecs.shape[1] == dim and len(vecs) > 0 and bool(torch.isfinite(vecs).all()):
         return vecs.to(device=device, dtype=torch.float32)
     return None
+
+
+def augmented(cfg: SpectrumConfig, ctx: CheckpointContext) -> bool:
+    """Whether this checkpoint's Hessian is over an augmented copy of the subset."""
+    return cfg.augment == "fixed" and ctx.run.augment
+
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def augment_batches(batches: Batches, step: int) -> Batches:
+    """One augmented copy of the Hessian subset's images (training's shifts and flips), drawn from a
+    generator seeded by the checkpoint's step: the same images for every product of the checkpoint."""
+    from ..data import augment
+    from ..train import mix_seed
+
+    out = []
+    for i, (x, y) in enumerate(batches):
+        gen = torch.Generator(device=x.device).manual_seed(mix_seed(step, i, 6))
+        out.append((augment(x, gen), y))
+    return out
 
 
 def _diverged(ctx: CheckpointContext, cfg: SpectrumConfig, base: dict[str, Any],
@@ -76,14 +99,18 @@ def compute(
     n = cfg.n or len(data.hessian_idx)
     dim = num_params(model)
     base = {"run": ctx.run_name, "step": step, "epoch": ctx.epoch, "status": ctx.status, "n": n, "k": cfg.k,
-            "tol": cfg.tol, "which": cfg.which, "backend": cfg.backend}
+            "tol": cfg.tol, "which": cfg.which, "backend": cfg.backend,
+            "augment": "fixed" if augmented(cfg, ctx) else "none"}
     if ctx.status == "diverged" or not finite(model):
         base["status"] = "diverged"
         log(f"[{ctx.run_name}] step {step}: diverged checkpoint, no spectrum")
         return _diverged(ctx, cfg, base, dim)
 
     v0 = warm_start(previous, dim, ctx.device)
-    op = HessianOperator(model, loss_fn, hessian_batches(data, n), weight_decay=ctx.run.optimizer.weight_decay,
+    batches = hessian_batches(data, n)
+    if augmented(cfg, ctx):
+        batches = augment_batches(batches, step)
+    op = HessianOperator(model, loss_fn, batches, weight_decay=ctx.run.optimizer.weight_decay,
                          eval_mode=cfg.eval_mode, chunk_size=cfg.chunk_size)
     t0 = time.perf_counter()
     res = top_eigenpairs(op, k=cfg.k, tol=cfg.tol, v0=v0, which=cfg.which, backend=cfg.backend,
