@@ -273,6 +273,29 @@ def test_nsgd_figure(tmp_path, ks):
     assert_figure(out, "nsgd")
 
 
+def test_alignment_views(study):
+    """Default: alignment and training accuracy against epoch (one accuracy curve per run, its
+    metrics' train rows); style.view 'paper': against training accuracy and epoch; else an error."""
+    from sharpflow import results as _common
+    from sharpflow.figures import alignment, style
+
+    spec, paths = study
+    data = _common.load(inputs_for("alignment", paths), figures.KINDS["alignment"], spec)
+    with style.context():
+        fig = alignment.plot(data, {})
+        ax_al, ax_tr = fig.axes[:2]
+        assert ax_al.get_xlabel() == "epoch" and ax_tr.get_ylabel() == "training accuracy (%)"
+        assert len(ax_tr.lines) == len(ETA_RUNS)
+        met = data.rows("metrics", "eta-lr0.02")
+        train = met[met["split"] == "train"].sort_values("step")
+        drawn = {tuple(np.round(ln.get_xdata(), 9)) for ln in ax_tr.lines}
+        assert tuple(np.round(train["epoch"].to_numpy(float), 9)) in drawn
+        paper = alignment.plot(data, {"view": "paper"})
+        assert paper.axes[0].get_xlabel() == "training accuracy (%)" and paper.axes[1].get_xlabel() == "epoch"
+        with pytest.raises(ValueError, match="view"):
+            alignment.plot(data, {"view": "nope"})
+
+
 def test_divergence_is_marked_in_the_legend(study):
     """The diverged run's legend entry says so, and a × is drawn; the others say nothing."""
     from sharpflow import results as _common
