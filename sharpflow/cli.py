@@ -231,6 +231,50 @@ def cmd_aggregate(a: argparse.Namespace) -> None:
     _write_timing(a.timing, time.perf_counter() - t0)
 
 
+def cmd_claims(a: argparse.Namespace) -> None:
+    """The claims table, from the workflow's --spec and inputs, or from a config file and its results."""
+    from .claims.checks import make_claims
+
+    t0 = time.perf_counter()
+    if (a.spec is None) == (a.config is None):
+        raise SharpflowError("give exactly one of --spec (with the input tables) and --config")
+    if a.config is not None:
+        spec, inputs = _claims_from_config(a.config)
+        out = Path(a.results or spec.pop("results")) / "tables"
+        out_md, out_tex, out_csv = (a.out_md or out / "claims.md", a.out_tex or out / "claims.tex",
+                                    a.out_csv or out / "claims.csv")
+    else:
+        spec, inputs = json.loads(a.spec), a.inputs
+        if None in (a.out_md, a.out_tex, a.out_csv):
+            raise SharpflowError("with --spec, give --out-md, --out-tex and --out-csv")
+        out_md, out_tex, out_csv = a.out_md, a.out_tex, a.out_csv
+    rows = make_claims(spec, inputs, out_md, out_tex, out_csv)
+    for r in rows:
+        _log(f"claim {r['number']}: {r['verdict']}" + (f" ({r['reason']})" if r["reason"] else ""))
+    _write_timing(a.timing, time.perf_counter() - t0)
+
+
+def _claims_from_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The claims spec of a config file, and those of its runs' tables that exist under its results."""
+    from .claims import CLAIMS, claim_plan
+    from .config import expand_runs, load_config, presentation_runs
+
+    cfg = load_config(path)
+    runs = expand_runs(cfg)
+    plan = claim_plan(cfg, runs)
+    names = sorted({r for entry in plan.values() for r in entry["runs"]})
+    inputs = []
+    for claim in CLAIMS:
+        for run in plan[str(claim.number)]["runs"]:
+            for t in claim.reads:
+                p = Path(cfg.results) / "runs" / run / f"{t}.parquet"
+                if p.exists() and p not in inputs:
+                    inputs.append(p)
+    spec = {"config": cfg.claims.model_dump(mode="json"), "claims": plan,
+            "runs": presentation_runs(cfg, runs, names), "results": cfg.results}
+    return spec, inputs
+
+
 def cmd_figure(a: argparse.Namespace) -> None:
     from .figures import draw, style  # noqa: F401  (style: matplotlib, imported before the clock starts)
 
@@ -387,6 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("inputs", nargs="+", type=Path, help="the aggregated tables to read")
     sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.set_defaults(func=cmd_table)
+
+    sp = sub.add_parser("claims", help="each claim of the paper checked on the runs: statistic, verdict, evidence "
+                        "(Markdown + LaTeX + CSV)",
+                        description="From a config: sharpflow claims --config config/config.yaml (reads its results "
+                        "tree, writes results/tables/claims.*; runs without tables count as missing). "
+                        "The workflow passes --spec and the input tables instead.")
+    sp.add_argument("--config", type=Path, default=None, help="a sharpflow config file")
+    sp.add_argument("--results", type=Path, default=None, help="with --config: the results root (default: its own)")
+    sp.add_argument("--spec", default=None, help="JSON {config, claims, runs}, as the workflow writes it")
+    sp.add_argument("--out-md", type=Path, default=None)
+    sp.add_argument("--out-tex", type=Path, default=None)
+    sp.add_argument("--out-csv", type=Path, default=None)
+    sp.add_argument("inputs", nargs="*", type=Path, help="with --spec: the runs' aggregated tables")
+    sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
+    sp.set_defaults(func=cmd_claims)
 
     sp = sub.add_parser("cost", help="where the time went: a per-rule table from the jobs' benchmark files")
     sp.add_argument("--results", required=True, type=Path, help="the results root (reads benchmarks/)")

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ from pydantic import (
 from .analyses import REGISTRY as ANALYSES
 from .analyses.escape import EscapeConfig as EscapeConfig  # re-exported: the config sections of the analyses
 from .analyses.project import ProjectConfig as ProjectConfig
+from .claims import ClaimsConfig
 from .configbase import Name, Strict
 from .errors import ConfigError
 
@@ -434,6 +436,7 @@ class _ConfigBase(Strict):
     spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
     figures: dict[Name, FigureConfig] = Field(default_factory=dict)
     tables: dict[Name, FigureConfig] = Field(default_factory=dict)
+    claims: ClaimsConfig = Field(default_factory=ClaimsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)  # type: ignore[valid-type]
     prune_checkpoints: bool = Field(
         False,
@@ -596,6 +599,27 @@ def analysis_config(cfg: Config, name: str, run: str) -> BaseModel:
 
 
 # ------------------------------------------------------------------------------ checkpoint plan
+def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """What a figure, table or the claims need of each run (its sweep settings), by run id."""
+    out = {}
+    for run in names:
+        rc = runs[run]
+        ns = rc.optimizer.nsgd
+        out[run] = {
+            "study": study_of(run),
+            "lr": rc.optimizer.lr,
+            "batch_size": rc.optimizer.batch_size,
+            "momentum": rc.optimizer.momentum,
+            "optimizer": rc.optimizer.name,
+            "gamma": ns.gamma if ns else None,
+            "k": ns.k if ns else None,
+            "subspace": ns.subspace if ns else None,
+            "seed": rc.seed,
+            "steps_per_epoch": steps_per_epoch(rc, cfg.datasets[rc.dataset]),
+        }
+    return out
+
+
 def steps_per_epoch(run: RunConfig, dataset: DatasetConfig) -> int:
     n = dataset.train_size()
     if run.train_subset is not None:

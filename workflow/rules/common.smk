@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
 from sharpflow.kinds import OPTIONAL_TABLES
+from sharpflow.claims import CLAIMS, claim_plan, code_files as claims_code_files
 from sharpflow.config import (
     BEST_NAME,
     FORMAT_VERSION,
@@ -18,6 +19,7 @@ from sharpflow.config import (
     expand_runs,
     merge_config,
     parse_config,
+    presentation_runs,
     read_yaml,
     spectrum_config,
     steps_per_epoch,
@@ -314,20 +316,29 @@ def caption(package, kind):
 
 def presentation_spec(item):
     """The figure/table spec passed as params: its own config plus what it needs of each run."""
-    runs = {}
-    for run in study_runs(item.studies):
-        rc = RUNS[run]
-        ns = rc.optimizer.nsgd
-        runs[run] = {
-            "study": study_of(run),
-            "lr": rc.optimizer.lr,
-            "batch_size": rc.optimizer.batch_size,
-            "momentum": rc.optimizer.momentum,
-            "optimizer": rc.optimizer.name,
-            "gamma": ns.gamma if ns else None,
-            "k": ns.k if ns else None,
-            "subspace": ns.subspace if ns else None,
-            "seed": rc.seed,
-            "steps_per_epoch": steps_per_epoch(rc, CFG.datasets[rc.dataset]),
-        }
+    runs = presentation_runs(CFG, RUNS, study_runs(item.studies))
     return dump_json_dict({**item.model_dump(mode="json"), "runs": runs})
+
+
+# ------------------------------------------------------------------------------------ claims
+CLAIM_PLAN = claim_plan(CFG, RUNS)
+
+
+def claims_inputs():
+    """Every table a claim reads, of the runs it is tested on (where the run has that table)."""
+    paths = []
+    for claim in CLAIMS:
+        for run in CLAIM_PLAN[str(claim.number)]["runs"]:
+            for t in claim.reads:
+                ok = t == "metrics" or (run, t) in TABLE_STEPS
+                path = f"{R}/runs/{run}/{t}.parquet"
+                if ok and path not in paths:
+                    paths.append(path)
+    return paths
+
+
+def claims_spec():
+    runs = sorted({r for entry in CLAIM_PLAN.values() for r in entry["runs"]})
+    return dump_json_dict(
+        {"config": CFG.claims.model_dump(mode="json"), "claims": CLAIM_PLAN, "runs": presentation_runs(CFG, RUNS, runs)}
+    )

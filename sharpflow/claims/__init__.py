@@ -1,0 +1,124 @@
+"""Claims: each published finding, declared once, turned into a verdict on the user's own runs.
+
+A :class:`Claim` names the statement, the paper it comes from, the statistic that tests it, the
+presentation kind whose config items give its runs (the studies of every figure or table of that
+kind) and link its figures, and the per-run tables it reads. The ``claims`` stage
+(``sharpflow claims``, rule ``claims``) evaluates every declared claim on those runs
+(:mod:`.checks`) and writes ``tables/claims.{md,csv,tex}``: the statistic, the verdict ("holds",
+"does not hold", "not enough data" naming what is missing) and the evidence.
+
+Thresholds are fields of :class:`ClaimsConfig` (the ``claims`` config section) with documented
+defaults, fixed before any run was looked at; a study must never tune them until a claim holds.
+Adding a claim: one :class:`Claim` entry in :data:`CLAIMS` and its function in :mod:`.checks`.
+
+Light: no pandas or torch here (the Snakefile imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+from ..configbase import Strict
+
+
+class ClaimsConfig(Strict):
+    """The claims stage: each published claim checked on the study's runs, with these thresholds."""
+
+    enabled: bool = Field(True, description="Write tables/claims.{md,csv,tex} (and its report section).")
+    early_fraction: float = Field(
+        0.5, gt=0, le=1, description="Claim 1: λ_1 must peak, or come within plateau_ratio of its peak, "
+        "in this first fraction of training.")
+    plateau_ratio: float = Field(0.9, gt=0, le=1, description="Claim 1: 'at its plateau' = at least this × the peak.")
+    min_rho: float = Field(
+        0.8, gt=0, le=1, description="Claim 2: Spearman ρ between η (or 1/S) and the peak λ_1 must be ≤ −min_rho.")
+    skip_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Claim 3: the early phase left out, as a fraction of training.")
+    far_above: PositiveFloat = Field(
+        2.0, description="Claim 3: 'far above' the stability threshold: η·λ_1/2 above this after the early phase.")
+    near_low: PositiveFloat = Field(
+        0.5, description="Claim 3: at the largest η, the median η·λ_1/2 after the early phase must be at least this.")
+    alignment_top: PositiveInt = Field(5, description="Claim 4: the top directions e_1..e_top averaged over.")
+    alignment_factor: PositiveFloat = Field(
+        3.0, description="Claim 4: mean |cos(g, e_i)| must be at least this multiple of the random baseline.")
+    overshoot_gap: float = Field(
+        0.5, gt=0, le=1, description="Claim 5: the fraction of e_1 steps that raise the loss must be this much "
+        "larger where η·λ_1/2 > 1 than where it is < 1.")
+    min_points: PositiveInt = Field(5, description="Claim 5: checkpoint×gradient points needed on each side of 1.")
+    spread_factor: NonNegativeFloat = Field(
+        1.0, description="Claims 6, 7: a difference between γ and γ = 1 counts only beyond this × the sum of the "
+        "two groups' sample standard deviations over seeds.")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One published claim and how the runs test it."""
+
+    number: int
+    statement: str
+    paper: str
+    statistic: str
+    kind: str  # the figure/table kind whose config items give the runs (their studies) and the figures
+    reads: tuple[str, ...]  # the per-run tables it needs
+    check: str  # the function in .checks
+
+
+SEED = "Jastrzębski et al. 2019"
+
+#: The claims, in the order the table lists them.
+CLAIMS: tuple[Claim, ...] = (
+    Claim(1, "λ_1 peaks early in training, then falls or plateaus", SEED,
+          "per run: the epoch of peak λ_1 and the ratio final/peak", "grid", ("spectrum",), "peak_early"),
+    Claim(2, "a larger η or a smaller S gives a lower peak λ_1", SEED,
+          "Spearman ρ between η (and 1/S) and the peak λ_1 over each grid", "grid", ("spectrum",), "lower_peak"),
+    Claim(3, "SGD is steered to where η·λ_1/2 ≈ 1, never far above", SEED,
+          "per mini-batch run: peak and median η·λ_1/2 after the early phase", "grid", ("spectrum",),
+          "steered"),
+    Claim(4, "mini-batch gradients align with the top Hessian eigenvectors", SEED,
+          "per run: mean |cos(g, e_i)|, i ≤ top, as a multiple of the random baseline", "alignment",
+          ("alignment",), "aligned"),
+    Claim(5, "the SGD step along e_1 overshoots (raises the loss) when η·λ_1/2 > 1", SEED,
+          "fraction of e_1 steps (multiplier 1) that raise the loss, where η·λ_1/2 > 1 vs < 1", "decomposed",
+          ("decomposed",), "overshoot"),
+    Claim(6, "Nudged-SGD with γ < 1 ends sharper, with γ > 1 flatter", SEED,
+          "λ_max at best validation per γ against γ = 1, beyond the seed spread", "nsgd",
+          ("metrics", "spectrum", "spectrum_best"), "nsgd_sharpness"),
+    Claim(7, "Nudged-SGD with γ < 1 generalises no worse than γ = 1", SEED,
+          "test accuracy at best validation per γ < 1 against γ = 1, beyond the seed spread", "nsgd",
+          ("metrics", "spectrum", "spectrum_best"), "nsgd_generalisation"),
+)
+
+#: Every table kind a claim reads.
+READS: tuple[str, ...] = tuple(dict.fromkeys(t for c in CLAIMS for t in c.reads))
+
+
+def claim_plan(cfg: Any, runs: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
+    """Per claim number: the runs it is tested on (those of the studies of every figure and table of
+    its kind) and the names of those figures and tables. ``cfg``: the parsed config; ``runs``: its
+    expanded runs (:func:`sharpflow.config.expand_runs`)."""
+    from ..config import study_of
+
+    plan = {}
+    for claim in CLAIMS:
+        studies: list[str] = []
+        items: list[str] = []
+        for section in ("figures", "tables"):
+            for name, item in getattr(cfg, section).items():
+                if item.kind == claim.kind:
+                    items.append(f"{section}/{name}")
+                    studies += [s for s in item.studies if s not in studies]
+        plan[str(claim.number)] = {"runs": [r for r in runs if study_of(r) in studies], "figures": items}
+    return plan
+
+
+def code_files() -> list[Path]:
+    """The source files whose edits should re-evaluate the claims (absolute)."""
+    here = Path(__file__).resolve().parent
+    return [here / "__init__.py", here / "checks.py", here.parent / "results.py",
+            here.parent / "tables" / "_common.py", here.parent / "tables" / "nsgd.py"]
+
+
+__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "code_files"]
