@@ -93,7 +93,7 @@ def tree(root: Path, case: str) -> tuple[dict, list[Path]]:
         {0.1: (20.0, 0.60), 1.0: (20.0, 0.80), 5.0: (20.5, 0.80)}
     for gamma, (lam, acc) in levels.items():
         for seed in (0, 1):
-            run = f"nsgd-gamma{gamma}-seed{seed}"
+            run = f"nsgd-gamma{gamma:g}-seed{seed}"
             runs[run] = _meta(0.05, "nsgd", gamma=gamma, seed=seed)
             inputs += _write(root, run, **_nsgd_run(lam + seed, acc + 0.01 * seed))
     grid_runs = [r for r in runs if r.startswith("eta")]
@@ -180,3 +180,38 @@ def test_outputs_are_written(tmp_path):
     tex = (out / "claims.tex").read_text()
     assert r"\toprule" in tex and not math.isnan(csv["number"].sum())
     assert sorted(p.name for p in out.iterdir()) == ["claims.csv", "claims.md", "claims.tex"]
+
+
+def test_cli_from_a_config_and_its_results_tree(tmp_path):
+    """`sharpflow claims --config` plans the claims from the config's figures and tables, reads the
+    tables that exist under its results root and writes tables/claims.* there."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, _ = tree(tmp_path / "results", "holds")
+    cfg = {
+        "results": str(tmp_path / "results"),
+        "datasets": {"d": {"source": "mnist1d"}},
+        "defaults": {"dataset": "d", "model": {"name": "cnn1d"}, "optimizer": {"lr": 0.05, "batch_size": 32},
+                     "steps": 100, "device": "cpu"},
+        "studies": {"eta": {"sweep": {"optimizer.lr": [0.02, 0.05, 0.1, 0.5]}},
+                    "nsgd": {"base": {"optimizer": {"name": "nsgd", "nsgd": {"k": 5}}},
+                             "sweep": {"optimizer.nsgd.gamma": [0.1, 1, 5], "seed": [0, 1]}}},
+        "figures": {"eta_grid": {"kind": "grid", "studies": ["eta"]},
+                    "decomposed": {"kind": "decomposed", "studies": ["eta"]}},
+        "tables": {"nsgd": {"kind": "nsgd", "studies": ["nsgd"]}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "sharpflow.cli", "claims", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    csv = pd.read_csv(tmp_path / "results" / "tables" / "claims.csv").set_index("number")
+    assert csv.loc[2, "verdict"] == HOLDS and csv.loc[6, "verdict"] == HOLDS
+    assert csv.loc[4, "verdict"] == NO_DATA  # no alignment figure in this config
+    assert "eta-lr0.5" in csv.loc[1, "reason"]  # planned by the config, no tables on disk
+    assert "claim 4: not enough data" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "sharpflow.cli", "claims"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "exactly one of --spec" in bad.stderr
