@@ -144,14 +144,6 @@ class _Writer:
             self._thread.start()
         self._jobs.put(job)
 
-    def dump_best(self, step: int, *, model: nn.Module, epoch: float, run_name: str, lr: float) -> None:
-        """``checkpoints/best.pt``: the best-validation weights (a checkpoint of ``step``, status "ok"),
-        written once at the end of training, atomically."""
-        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-                         "epoch": epoch, "status": "ok", "run": run_name, "format": FORMAT_VERSION["train"],
-                         "lr": float(lr), "best": True})
-        self._writer.submit(lambda: write_bytes(self.dir / BEST_NAME, ck))
-
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for every submitted write; raise the first failure unless ``raise_errors`` is False."""
         if self._thread is not None:
@@ -166,6 +158,12 @@ def _serialise(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _checkpoint(model: nn.Module, step: int, epoch: float, status: str, run_name: str, lr: float) -> dict[str, Any]:
+    """The contents of a checkpoint file (:data:`CKPT_KEYS`)."""
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step, "epoch": epoch,
+            "status": status, "run": run_name, "format": FORMAT_VERSION["train"], "lr": float(lr)}
 
 
 class CheckpointWriter:
@@ -217,9 +215,7 @@ class CheckpointWriter:
         then the published link.
         """
         self.dumps.append(step)
-        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-                         "epoch": epoch, "status": status, "run": run_name, "format": FORMAT_VERSION["train"],
-                         "lr": float(lr)})
+        ck = _serialise(_checkpoint(model, step, epoch, status, run_name, lr))
         chunk = json.dumps(rows).encode()
         st = _serialise({"digest": self.stash.digest, "step": step, "optimizer": optimizer.state_dict(),
                          "schedule": dict(schedule), "dumps": list(self.dumps), "wall_s": wall_s, "status": status,
@@ -238,9 +234,7 @@ class CheckpointWriter:
     def dump_best(self, step: int, *, model: nn.Module, epoch: float, run_name: str, lr: float) -> None:
         """``checkpoints/best.pt``: the best-validation weights (a checkpoint of ``step``, status "ok"),
         written once at the end of training, atomically."""
-        ck = _serialise({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step,
-                         "epoch": epoch, "status": "ok", "run": run_name, "format": FORMAT_VERSION["train"],
-                         "lr": float(lr), "best": True})
+        ck = _serialise({**_checkpoint(model, step, epoch, "ok", run_name, lr), "best": True})
         self._writer.submit(lambda: write_bytes(self.dir / BEST_NAME, ck))
 
     def close(self, *, raise_errors: bool = True) -> None:

@@ -256,20 +256,15 @@ def cmd_claims(a: argparse.Namespace) -> None:
 
 def _claims_from_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """The claims spec of a config file, and those of its runs' tables that exist under its results."""
-    from .claims import CLAIMS, claim_plan
+    from .claims import claim_plan, claim_tables
     from .config import expand_runs, load_config, presentation_runs
 
     cfg = load_config(path)
     runs = expand_runs(cfg)
     plan = claim_plan(cfg, runs)
     names = sorted({r for entry in plan.values() for r in entry["runs"]})
-    inputs = []
-    for claim in CLAIMS:
-        for run in plan[str(claim.number)]["runs"]:
-            for t in claim.reads:
-                p = Path(cfg.results) / "runs" / run / f"{t}.parquet"
-                if p.exists() and p not in inputs:
-                    inputs.append(p)
+    inputs = [Path(p) for p in claim_tables(plan, cfg.results, lambda run, kind: (
+        Path(cfg.results) / "runs" / run / f"{kind}.parquet").exists())]
     spec = {"config": cfg.claims.model_dump(mode="json"), "claims": plan,
             "runs": presentation_runs(cfg, runs, names), "results": cfg.results}
     return spec, inputs

@@ -16,6 +16,7 @@ Light: no pandas or torch here (the Snakefile imports it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,19 @@ def claim_plan(cfg: Any, runs: dict[str, Any]) -> dict[str, dict[str, list[str]]
     return plan
 
 
+def claim_tables(plan: dict[str, dict[str, list[str]]], results: str, has: Callable[[str, str], bool]) -> list[str]:
+    """The tables ``{results}/runs/{run}/{kind}.parquet`` the claims read, of the runs ``plan`` tests
+    them on, where ``has(run, kind)`` (the run has that table); in claim order, no repeats."""
+    paths: list[str] = []
+    for claim in CLAIMS:
+        for run in plan[str(claim.number)]["runs"]:
+            for kind in claim.reads:
+                path = f"{results}/runs/{run}/{kind}.parquet"
+                if has(run, kind) and path not in paths:
+                    paths.append(path)
+    return paths
+
+
 def code_files() -> list[Path]:
     """The source files whose edits should re-evaluate the claims (absolute)."""
     here = Path(__file__).resolve().parent
@@ -121,4 +135,4 @@ def code_files() -> list[Path]:
             here.parent / "tables" / "_common.py", here.parent / "tables" / "nsgd.py"]
 
 
-__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "code_files"]
+__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "claim_tables", "code_files"]

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
 from sharpflow.kinds import OPTIONAL_TABLES
-from sharpflow.claims import CLAIMS, claim_plan, code_files as claims_code_files
+from sharpflow.claims import claim_plan, claim_tables, code_files as claims_code_files
 from sharpflow.config import (
     BEST_NAME,
     FORMAT_VERSION,
@@ -326,15 +326,7 @@ CLAIM_PLAN = claim_plan(CFG, RUNS)
 
 def claims_inputs():
     """Every table a claim reads, of the runs it is tested on (where the run has that table)."""
-    paths = []
-    for claim in CLAIMS:
-        for run in CLAIM_PLAN[str(claim.number)]["runs"]:
-            for t in claim.reads:
-                ok = t == "metrics" or (run, t) in TABLE_STEPS
-                path = f"{R}/runs/{run}/{t}.parquet"
-                if ok and path not in paths:
-                    paths.append(path)
-    return paths
+    return claim_tables(CLAIM_PLAN, R, lambda run, kind: kind == "metrics" or (run, kind) in TABLE_STEPS)
 
 
 def claims_spec():
