@@ -4,6 +4,39 @@
 
 ALL_TARGETS = [path for run in RUNS for path in run_outputs(run)]
 
+# claims: each published claim, its statistic and verdict on the runs (tables/claims.*).
+if CFG.claims.enabled:
+
+    rule claims:
+        input:
+            tables=claims_inputs(),
+            code=[str(p) for p in claims_code_files()],
+        output:
+            md=f"{R}/tables/claims.md",
+            tex=f"{R}/tables/claims.tex",
+            csv=report(
+                f"{R}/tables/claims.csv",
+                caption=os.path.join(workflow.basedir, "workflow/report/claims.rst"),
+                category="1. Claims",
+                labels={"table": "claims", "kind": "claims"},
+            ),
+        params:
+            spec=claims_spec(),
+            timing=f"{R}/benchmarks/table/claims.json",
+        conda:
+            ENV
+        log:
+            f"{R}/logs/table/claims.log",
+        benchmark:
+            f"{R}/benchmarks/table/claims.tsv"
+        localrule: True
+        shell:
+            "sharpflow claims --spec {params.spec:q} --out-md {output.md:q} --out-tex {output.tex:q} "
+            "--out-csv {output.csv:q} --timing {params.timing:q} {input.tables:q} 2> {log:q}"
+
+    ALL_TARGETS += [f"{R}/tables/claims.{ext}" for ext in ("md", "tex", "csv")]
+
+
 for _name, _fig in CFG.figures.items():
 
     rule:
@@ -71,39 +104,6 @@ for _name, _tab in CFG.tables.items():
             "2> {log:q}"
 
     ALL_TARGETS += [f"{R}/tables/{_name}.{ext}" for ext in ("md", "tex", "csv")]
-
-
-# claims: each published claim, its statistic and verdict on the runs (tables/claims.*).
-if CFG.claims.enabled:
-
-    rule claims:
-        input:
-            tables=claims_inputs(),
-            code=[str(p) for p in claims_code_files()],
-        output:
-            md=f"{R}/tables/claims.md",
-            tex=f"{R}/tables/claims.tex",
-            csv=report(
-                f"{R}/tables/claims.csv",
-                caption=os.path.join(workflow.basedir, "workflow/report/claims.rst"),
-                category="1. Claims",
-                labels={"table": "claims", "kind": "claims"},
-            ),
-        params:
-            spec=claims_spec(),
-            timing=f"{R}/benchmarks/table/claims.json",
-        conda:
-            ENV
-        log:
-            f"{R}/logs/table/claims.log",
-        benchmark:
-            f"{R}/benchmarks/table/claims.tsv"
-        localrule: True
-        shell:
-            "sharpflow claims --spec {params.spec:q} --out-md {output.md:q} --out-tex {output.tex:q} "
-            "--out-csv {output.csv:q} --timing {params.timing:q} {input.tables:q} 2> {log:q}"
-
-    ALL_TARGETS += [f"{R}/tables/claims.{ext}" for ext in ("md", "tex", "csv")]
 
 
 # cost: where the time went, per stage, from every job's benchmark file (after everything else).
