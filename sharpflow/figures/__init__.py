@@ -20,6 +20,8 @@ Figure kinds (module, tables read):
 - ``escape`` (escape.py; escape): loss and λ_max vs iteration per ablation mode.
 - ``nsgd`` (nsgd.py; metrics, spectrum): λ_max and validation accuracy per γ (or per K for a
   K-ablation), mean over seeds with a min/max band, SGD baselines dashed.
+- ``density`` (density.py; density, spectrum): the SLQ spectral density at a few checkpoints,
+  one curve per run, with the top-k eigenvalues marked.
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -43,6 +45,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "decomposed": ("decomposed",),
     "escape": ("escape",),
     "nsgd": ("metrics", "spectrum"),
+    "density": ("density", "spectrum"),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module

@@ -34,7 +34,7 @@ for _run in ANALYSED:
                 data=lambda w, input: parent(input.data[0]),
                 results=results_root(3 if _run not in SPLIT else 4),
                 timing=f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.json",
-                version=ANALYSE_VERSION,
+                version=analyse_version([_run]),
             conda:
                 ENV
             log:
@@ -70,7 +70,7 @@ for _group, _runs in GROUPS.items():
             runs=dump_json_dict([group_entry(r) for r in _runs]),
             results=results_root(3),
             timing=f"{R}/benchmarks/analyse/{_group}/job000.json",
-            version=ANALYSE_VERSION,
+            version=analyse_version(_runs),
         conda:
             ENV
         log:

@@ -113,8 +113,11 @@ BEST = [run for run in ANALYSED if RUNS[run].checkpoints.best]
 for _run in BEST:
     TABLE_STEPS[(_run, "spectrum_best")] = ["best"]
 TABLE_KINDS = ["spectrum", "spectrum_best", *TABLE_OWNERS]
-#: The analysis jobs' result-format params: the spectrum's and every analysis's version.
-ANALYSE_VERSION = dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *ANALYSES]})
+def analyse_version(runs):
+    """The result-format versions an analysis job depends on: the spectrum's and those of the analyses
+    planned for its runs (an analysis that runs nowhere there, e.g. one switched off, triggers nothing)."""
+    names = [name for name in ANALYSES if any(name in PLAN[run] for run in runs)]
+    return dump_json_dict({k: FORMAT_VERSION[k] for k in ["spectrum", *names]})
 
 
 def data_dir(dataset):
