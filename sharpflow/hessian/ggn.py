@@ -1,0 +1,140 @@
+"""The generalised Gauss-Newton matrix of the mean cross-entropy, and sums of operators.
+
+For logits z_n(θ) of example n and the softmax p_n, the Hessian of the mean cross-entropy splits as
+H = G + R with G = (1/N) Σ_n J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n, J_n = ∂z_n/∂θ, and R the part from
+the curvature of the network itself (Σ_n Σ_c (p_nc − y_nc) ∇²z_nc / N). G is positive semi-definite;
+for a model linear in θ, R = 0 and G = H. Papyan (2019, 2020): G's top eigenvalues, as many as the
+classes, come from the class means and make the outliers of H's spectrum.
+
+:class:`GGNOperator` applies G (+ weight_decay·I, as the Hessian operator adds it) with the same data
+handling as :class:`~sharpflow.hessian.operators.HessianOperator`: the model deep-copied and in
+eval mode, exact weighting of every example (every token for a language model), optional
+re-chunking. A product is a forward-mode pass (J v), the softmax Hessian applied per example, and a
+backward pass (Jᵀu) whose forward is kept per chunk. :class:`SumOperator` forms αA + βB, e.g. the
+residual H − G.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp
+
+from sharpflow.params import buffers, flatten, trainable, unflatten
+
+from .operators import LinearOperator
+
+
+class GGNOperator:
+    """The generalised Gauss-Newton matrix of the mean cross-entropy over N fixed examples.
+
+    Args:
+        model: the network (deep-copied; the user's model is never modified). Its output are logits
+            (B, C) or, for a language model, (B, T, C) with targets (B, T).
+        batches: the examples as ``(x, y)``; moved to the parameters' device once.
+        weight_decay: adds ``weight_decay · v`` to every product (the Hessian operator's convention).
+        eval_mode: run the copy in eval mode (BatchNorm running statistics, no dropout).
+        chunk_size: re-split the examples into chunks of at most this many.
+        cache: keep each chunk's forward pass for the backward half of every product (memory: the
+            activations of all N examples); False recomputes it per product.
+
+    Attributes:
+        dim, dtype, device: as for every :class:`~sharpflow.hessian.operators.LinearOperator`.
+        num_targets: the number of cross-entropy terms averaged (examples, or tokens).
+        matvecs: products done so far (a block of m counts m).
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *, weight_decay: float = 0.0,
+                 eval_mode: bool = True, chunk_size: int | None = None, cache: bool = True) -> None:
+        if not batches:
+            raise ValueError("need at least one batch")
+        self._model = copy.deepcopy(model)
+        self._model.train(not eval_mode)
+        self._like = {n: p.detach().clone() for n, p in trainable(self._model).items()}
+        if not self._like:
+            raise ValueError("the model has no trainable parameters")
+        self._bufs = buffers(self._model)
+        first = next(iter(self._like.values()))
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self.dim: int = sum(p.numel() for p in self._like.values())
+        self.weight_decay = float(weight_decay)
+        xs = [x.to(self.device) for x, _ in batches]
+        ys = [y.to(self.device) for _, y in batches]
+        if chunk_size is not None:
+            if chunk_size < 1:
+                raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+            xs, ys = list(torch.cat(xs).split(chunk_size)), list(torch.cat(ys).split(chunk_size))
+        self._chunks = [(x, y) for x, y in zip(xs, ys, strict=True) if x.shape[0] > 0]
+        self.num_targets: int = sum(int(y.numel()) for _, y in self._chunks)
+        if self.num_targets == 0:
+            raise ValueError("the batches hold no examples")
+        self._cache = cache
+        self._primal: list[tuple[Tensor, Callable[..., Any], torch.Size]] | None = None
+        self.matvecs = 0
+
+    def _logits(self, x: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+        return lambda params: functional_call(self._model, {**params, **self._bufs}, (x,))
+
+    def _primals(self) -> list[tuple[Tensor, Callable[..., Any], torch.Size]]:
+        """Per chunk: the softmax probabilities (as (targets, C)), the vjp function, the logits' shape."""
+        if self._primal is not None:
+            return self._primal
+        out = []
+        for x, _ in self._chunks:
+            z, back = vjp(self._logits(x), self._like)
+            out.append((torch.softmax(z.detach().reshape(-1, z.shape[-1]), dim=-1), back, z.shape))
+        if self._cache:
+            self._primal = out
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """(D,) -> (D,) or (D, m) -> (D, m): G v (+ weight_decay · v)."""
+        if v.ndim not in (1, 2) or v.shape[0] != self.dim:
+            raise ValueError(f"expected shape ({self.dim},) or ({self.dim}, m), got {tuple(v.shape)}")
+        single = v.ndim == 1
+        block = (v[:, None] if single else v).to(dtype=self.dtype, device=self.device)
+        out = torch.empty_like(block)
+        primals = self._primals()
+        for j in range(block.shape[1]):
+            col = block[:, j]
+            tangent = unflatten(col, self._like)
+            acc = torch.zeros_like(col)
+            for (x, _), (p, back, shape) in zip(self._chunks, primals, strict=True):
+                with warnings.catch_warnings():
+                    # forward mode loads torch's jvp decompositions, whose import warns that
+                    # torch.jit.script is deprecated: torch's internals (as in .tracing)
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                            category=FutureWarning)
+                    _, jv = jvp(self._logits(x), (self._like,), (tangent,))
+                jv = jv.detach().reshape(-1, p.shape[-1])
+                # the softmax cross-entropy's Hessian in the logits, diag(p) − ppᵀ, per target
+                u = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) / self.num_targets
+                (g,) = back(u.reshape(shape))
+                acc += flatten(g)
+            out[:, j] = acc + self.weight_decay * col if self.weight_decay else acc
+        self.matvecs += block.shape[1]
+        return out[:, 0] if single else out
+
+
+class SumOperator:
+    """α·A + β·B for two operators of the same dimension (e.g. the residual H − G: α=1, β=−1)."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator, alpha: float = 1.0, beta: float = 1.0) -> None:
+        if a.dim != b.dim:
+            raise ValueError(f"dimensions differ: {a.dim} and {b.dim}")
+        self.a, self.b, self.alpha, self.beta = a, b, float(alpha), float(beta)
+        self.dim, self.dtype, self.device = a.dim, a.dtype, a.device
+        self.matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
+        return self.alpha * self.a.matvec(v) + self.beta * self.b.matvec(v).to(dtype=self.dtype, device=self.device)
+
+
+__all__ = ["GGNOperator", "SumOperator"]
