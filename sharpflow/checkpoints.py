@@ -205,7 +205,7 @@ class CheckpointWriter:
     def dump(
         self, step: int, *, model: nn.Module, epoch: float, status: str, run_name: str,
         optimizer: torch.optim.Optimizer, schedule: dict[str, float], rows: list[dict[str, Any]], wall_s: float,
-        lr: float, best: dict[str, Any] | None = None,
+        lr: float, best: dict[str, Any] | None = None, precond: torch.Tensor | None = None,
     ) -> None:
         """Checkpoint + resume state for ``step`` (weights after ``step`` updates; ``lr`` is the
         learning rate in force there, the one the next update uses).
@@ -215,7 +215,10 @@ class CheckpointWriter:
         then the published link.
         """
         self.dumps.append(step)
-        ck = _serialise(_checkpoint(model, step, epoch, status, run_name, lr))
+        content = _checkpoint(model, step, epoch, status, run_name, lr)
+        if precond is not None:
+            content["precond"] = precond  # Adam's sqrt(v̂) + ε, flat (the precond analysis reads it)
+        ck = _serialise(content)
         chunk = json.dumps(rows).encode()
         st = _serialise({"digest": self.stash.digest, "step": step, "optimizer": optimizer.state_dict(),
                          "schedule": dict(schedule), "dumps": list(self.dumps), "wall_s": wall_s, "status": status,

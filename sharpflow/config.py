@@ -182,7 +182,11 @@ class NSGDConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "nsgd"] = "sgd"
+    omit_at_default = ("betas", "eps")
+
+    name: Literal["sgd", "nsgd", "adam", "adamw"] = Field(
+        "sgd", description="sgd | nsgd (Nudged-SGD) | adam | adamw (torch's; betas, eps; momentum must be 0)."
+    )
     lr: PositiveFloat = Field(0.01, description="Learning rate η.")
     batch_size: PositiveInt | Literal["full"] = Field(128, description="S, or 'full' for full-batch GD.")
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -190,14 +194,25 @@ class OptimizerConfig(Strict):
     grad_clip: PositiveFloat | None = Field(None, description="Clip the gradient norm (PTB: 5).")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     nsgd: NSGDConfig | None = None
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (β1, β2), each in [0, 1).")
+    eps: PositiveFloat = Field(1e-8, description="Adam's ε.")
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
         if self.name == "nsgd" and self.nsgd is None:
             self.nsgd = NSGDConfig()
-        if self.name == "sgd" and self.nsgd is not None:
-            raise ValueError("'nsgd' settings given but optimizer.name is 'sgd'")
+        if self.name != "nsgd" and self.nsgd is not None:
+            raise ValueError(f"'nsgd' settings given but optimizer.name is {self.name!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.name in ("adam", "adamw") and self.momentum:
+            raise ValueError(f"momentum is for sgd/nsgd; {self.name} takes betas (β1 is its momentum)")
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Adam or AdamW: a diagonal preconditioner sqrt(v̂) + ε."""
+        return self.name in ("adam", "adamw")
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -159,7 +159,31 @@ def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
             model.parameters(), lr=opt.lr, gamma=opt.nsgd.gamma, k=opt.nsgd.k,
             momentum=opt.momentum, weight_decay=opt.weight_decay, variant=opt.nsgd.variant,
         )
+    if opt.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                 weight_decay=opt.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def adam_preconditioner(model: nn.Module, opt: torch.optim.Optimizer) -> Tensor | None:
+    """Adam's diagonal preconditioner sqrt(v̂) + ε at this point of training, flat in the order of the
+    trainable parameters (v̂ = v / (1 − β2^t), as torch's Adam and AdamW divide by it); None before
+    the first step (no state yet)."""
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    parts = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        st = opt.state.get(p)
+        if not st or "exp_avg_sq" not in st:
+            return None
+        t = float(st["step"])
+        parts.append((st["exp_avg_sq"] / (1 - beta2**t)).sqrt().reshape(-1) + eps)
+    return torch.cat(parts).detach().cpu() if parts else None
 
 
 def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset, gen_seed: int) -> tuple[float, int]:
@@ -516,7 +540,8 @@ class _Run:
         self._eval_rows(step)
         self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
                         optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
-                        lr=self.sched.lr_at(step / self.spe), best=self.best)
+                        lr=self.sched.lr_at(step / self.spe), best=self.best,
+                        precond=adam_preconditioner(self.model, self.opt) if self.run.optimizer.adaptive else None)
 
 
 def train(

@@ -70,9 +70,9 @@ def every_checkpoint(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
 
 
 def _registry() -> dict[str, Analysis]:
-    from . import density, escape, ggn, project
+    from . import density, escape, ggn, precond, project
 
-    entries = [project.ANALYSIS, escape.ANALYSIS, density.ANALYSIS, ggn.ANALYSIS]
+    entries = [project.ANALYSIS, escape.ANALYSIS, density.ANALYSIS, ggn.ANALYSIS, precond.ANALYSIS]
     return {a.name: a for a in entries}
 
 

@@ -11,7 +11,8 @@ handling as :class:`~sharpflow.hessian.operators.HessianOperator`: the model dee
 eval mode, exact weighting of every example (every token for a language model), optional
 re-chunking. A product is a forward-mode pass (J v), the softmax Hessian applied per example, and a
 backward pass (Jᵀu) whose forward is kept per chunk. :class:`SumOperator` forms αA + βB, e.g. the
-residual H − G.
+residual H − G; :class:`ScaledOperator` forms D A D, e.g. Adam's preconditioned Hessian
+P^{-1/2} H P^{-1/2}.
 """
 
 from __future__ import annotations
@@ -137,4 +138,23 @@ class SumOperator:
         return self.alpha * self.a.matvec(v) + self.beta * self.b.matvec(v).to(dtype=self.dtype, device=self.device)
 
 
-__all__ = ["GGNOperator", "SumOperator"]
+class ScaledOperator:
+    """D A D for a diagonal D given as a vector d: with d = P^{-1/2}, the symmetric form of P^{-1}A
+    (same eigenvalues; eigenvectors u of DAD give P^{-1}A's as D u)."""
+
+    def __init__(self, a: LinearOperator, d: Tensor) -> None:
+        if d.shape != (a.dim,):
+            raise ValueError(f"the scaling has shape {tuple(d.shape)}, the operator dimension {a.dim}")
+        self.a = a
+        self.d = d.to(dtype=a.dtype, device=a.device)
+        self.dim, self.dtype, self.device = a.dim, a.dtype, a.device
+        self.matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        v = v.to(dtype=self.dtype, device=self.device)
+        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
+        d = self.d if v.ndim == 1 else self.d[:, None]
+        return d * self.a.matvec(d * v)
+
+
+__all__ = ["GGNOperator", "ScaledOperator", "SumOperator"]
