@@ -97,6 +97,15 @@ def test_precond_analysis_against_the_dense_preconditioned_hessian(tiny_data, ti
     np.testing.assert_allclose(df["eigenvalue"].to_numpy(), truth, rtol=1e-3)
     assert df["threshold"].iloc[0] == pytest.approx(adam_threshold(0.01, 0.9)) == pytest.approx(3800.0)  # 38/η
     assert df["converged"].all()
+    # the figure draws it with its threshold line at 38/η
+    from sharpflow import figures
+
+    d = tmp_path / "res" / "runs" / "r"
+    d.mkdir(parents=True)
+    df.to_parquet(d / "precond.parquet")
+    spec = {"kind": "precond", "studies": ["s"], "runs": {"r": {"study": "s", "lr": 0.01, "optimizer": "adam"}}}
+    figures.draw("precond", spec, [d / "precond.parquet"], tmp_path / "f.pdf", tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     # step 0: no preconditioner yet, NaN rows; an SGD run: a clear error
     ctx0 = open_checkpoint(run, "r", data, tmp_path / "checkpoints" / "step00000000.pt", torch.device("cpu"))
     assert precond(ctx0, PrecondConfig(enabled=True))["precond"]["eigenvalue"].isna().all()

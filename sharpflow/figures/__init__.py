@@ -22,6 +22,8 @@ Figure kinds (module, tables read):
   K-ablation), mean over seeds with a min/max band, SGD baselines dashed.
 - ``density`` (density.py; density, spectrum): the SLQ spectral density at a few checkpoints,
   one curve per run, with the top-k eigenvalues marked.
+- ``precond`` (precond.py; precond): Adam's preconditioned sharpness λ_1(P^{-1}H) vs epoch with
+  its threshold (2 + 2β₁)/(η(1 − β₁)).
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -46,6 +48,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "escape": ("escape",),
     "nsgd": ("metrics", "spectrum"),
     "density": ("density", "spectrum"),
+    "precond": ("precond",),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module

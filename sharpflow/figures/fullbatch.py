@@ -52,7 +52,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
                 lf = last_finite(x, y, before=div[0])
                 style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
         eta = data.value(run, "lr")
-        if eta:
+        if eta and data.value(run, "optimizer") not in ("adam", "adamw"):  # Adam's threshold: kind precond
             ax_s.axhline(2.0 / float(eta), ls=":", lw=1.0, color=c)
         met = data.rows("metrics", run)
         for split, ls in (("train", "-"), ("test", "--")):

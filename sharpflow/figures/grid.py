@@ -88,7 +88,9 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
 
     extra = [style.style_handle("$\\lambda_1$", ls="-"), style.style_handle("$\\lambda_2$", ls="--")]
     if opts.get("stability_line", True):
-        etas = sorted({float(v) for v in (data.value(r, "lr") for r in runs) if v is not None})
+        # 2/η is the threshold of (S)GD on H; Adam's is on its preconditioned H (figure kind precond)
+        sgd_like = [r for r in runs if data.value(r, "optimizer") not in ("adam", "adamw")]
+        etas = sorted({float(v) for v in (data.value(r, "lr") for r in sgd_like) if v is not None})
         for eta in etas:
             c = next((colours[r] for r in runs if key == "lr" and data.value(r, "lr") == eta), "0.3")
             ax.axhline(2.0 / eta, ls=":", lw=1.0, color=c)
