@@ -402,7 +402,11 @@ def test_report_renders_in_headless_chromium(finished, tmp_path):
     # Every figure and table is embedded with its caption, and every embedded PNG decodes.
     results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.S).group(1))
     names = {v["filename"] for v in results.values()}
-    assert names == {f"{f}.png" for f in cfg["figures"]} | {f"{t}.csv" for t in cfg["tables"]} | {"cost.csv"}
+    assert names == {f"{f}.png" for f in cfg["figures"]} | {f"{t}.csv" for t in cfg["tables"]} | {"cost.csv",
+                                                                                                  "claims.csv"}
+    # the claims lead the report: their category comes first
+    categories = json.loads(re.search(r"var categories = (\{.*?\});\n", html, re.S).group(1))
+    assert next(iter(categories)) == "1. Claims"
     import matplotlib.image as mpimg
 
     for entry in results.values():
