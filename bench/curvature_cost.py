@@ -4,7 +4,7 @@ On a freshly trained default-suite run (cnn1d on MNIST-1D, η=0.05, S=32, its la
 the dataset's Hessian subset), in-process, one thread, each measured once after a warm-up product:
 
 - the anchor: top-10 eigenpairs of H at tol 1e-3, cold (what the spectrum stage computes);
-- SLQ spectral density, 10 probes × 50 Lanczos steps (and the default suite's 10 × 40);
+- SLQ spectral density, 10 probes × 50 Lanczos steps (and the default suite's 5 × 30);
 - the Gauss-Newton matrix G: top-10 at tol 1e-3, and one G product against one H product;
 - the residual H − G: top-10 by magnitude at tol 1e-3.
 
@@ -74,7 +74,7 @@ def main() -> None:
 
         timed("top-10 of H, tol 1e-3 (anchor)", lambda: top_eigenpairs(h, k=10, tol=1e-3), [h])
         timed("SLQ 10 probes x 50 steps", lambda: spectral_density(h, 10, 50), [h])
-        timed("SLQ 10 probes x 40 steps (default suite)", lambda: spectral_density(h, 10, 40), [h])
+        timed("SLQ 5 probes x 30 steps (default suite)", lambda: spectral_density(h, 5, 30), [h])
         timed("top-10 of G, tol 1e-3", lambda: top_eigenpairs(g, k=10, tol=1e-3), [g])
         resid = SumOperator(h, g, 1.0, -1.0)
         timed("top-10 |.| of H - G, tol 1e-3 (each an H and a G product)",
