@@ -85,8 +85,9 @@ def test_density_analysis_on_a_trained_run(tiny_data, tiny_dataset, tmp_path) ->
     certified spectrum (Lanczos converges to the extremes first), the selection strides, and the
     figure draws it."""
     from sharpflow import figures
+    from sharpflow.analyses import strided as select
     from sharpflow.analyses.context import open_checkpoint
-    from sharpflow.analyses.density import DensityConfig, select
+    from sharpflow.analyses.density import DensityConfig
     from sharpflow.analyses.density import compute as density
     from sharpflow.analyses.spectrum import compute as spectrum
     from sharpflow.config import SpectrumConfig

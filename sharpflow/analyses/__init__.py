@@ -69,6 +69,15 @@ def every_checkpoint(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
     return list(steps) if getattr(cfg, "enabled", True) else []
 
 
+def strided(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
+    """``select`` for an analysis switched by ``enabled`` that runs at every ``stride``-th checkpoint,
+    always including the last."""
+    if not getattr(cfg, "enabled", True) or not steps:
+        return []
+    chosen = list(steps[:: cfg.stride])
+    return chosen if chosen[-1] == steps[-1] else [*chosen, steps[-1]]
+
+
 def _registry() -> dict[str, Analysis]:
     from . import density, escape, ggn, precond, project
 

@@ -16,13 +16,12 @@ top-10 solve in the default suite), hence off by default and ``stride`` to thin 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import Field, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis
+from . import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,13 +38,6 @@ class DensityConfig(Strict):
     stride: PositiveInt = Field(1, description="Every stride-th checkpoint, plus the last.")
     n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
     seed: int = 0
-
-
-def select(cfg: DensityConfig, run: str, steps: Sequence[int]) -> list[int]:
-    if not cfg.enabled or not steps:
-        return []
-    chosen = list(steps[:: cfg.stride])
-    return chosen if chosen[-1] == steps[-1] else [*chosen, steps[-1]]
 
 
 def compute(ctx: CheckpointContext, cfg: DensityConfig) -> dict[str, pd.DataFrame]:
@@ -88,7 +80,7 @@ ANALYSIS = Analysis(
     config=DensityConfig,
     tables=("density",),
     compute=compute,
-    select=select,
+    select=strided,
     format_version=1,
     summary="spectral density by stochastic Lanczos quadrature (off by default)",
 )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis
+from . import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,13 +41,6 @@ class GGNConfig(Strict):
     stride: PositiveInt = Field(1, description="Every stride-th checkpoint, plus the last.")
     max_matvecs: PositiveInt | None = Field(None, description="Product budget per solve (None: the solver's).")
     n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
-
-
-def select(cfg: GGNConfig, run: str, steps: Sequence[int]) -> list[int]:
-    if not cfg.enabled or not steps:
-        return []
-    chosen = list(steps[:: cfg.stride])
-    return chosen if chosen[-1] == steps[-1] else [*chosen, steps[-1]]
 
 
 def outliers(eigenvalues: Sequence[float]) -> int:
@@ -118,7 +111,7 @@ ANALYSIS = Analysis(
     config=GGNConfig,
     tables=("ggn",),
     compute=compute,
-    select=select,
+    select=strided,
     format_version=1,
     summary="the Gauss-Newton matrix: its top-k, the residual H − G, the overlap with H's top-k (off by default)",
 )

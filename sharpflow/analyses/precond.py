@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis
+from . import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,13 +38,6 @@ class PrecondConfig(Strict):
     tol: PositiveFloat = Field(1e-3, description="Relative residual each pair must reach.")
     stride: PositiveInt = Field(1, description="Every stride-th checkpoint, plus the last.")
     n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
-
-
-def select(cfg: PrecondConfig, run: str, steps: Sequence[int]) -> list[int]:
-    if not cfg.enabled or not steps:
-        return []
-    chosen = list(steps[:: cfg.stride])
-    return chosen if chosen[-1] == steps[-1] else [*chosen, steps[-1]]
 
 
 def adam_threshold(lr: float, beta1: float) -> float:
@@ -100,7 +92,7 @@ ANALYSIS = Analysis(
     config=PrecondConfig,
     tables=("precond",),
     compute=compute,
-    select=select,
+    select=strided,
     format_version=1,
     summary="Adam's preconditioned sharpness λ(P^{-1}H) against (2+2β1)/(η(1−β1)) (off by default)",
 )

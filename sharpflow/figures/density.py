@@ -65,7 +65,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
         epoch = float(de.loc[de["step"] == step, "epoch"].iloc[0])
         ax.set_title(f"epoch {epoch:.3g}", loc="left")
         ax.set_yscale("log")
-        ax.set_xlabel(f"eigenvalue ({style.EIG_UNIT})")
+    fig.supxlabel(f"eigenvalue ({style.EIG_UNIT})", fontsize="medium")
     axes[0].set_ylabel("spectral density")
     extra = [style.style_handle("top-k eigenvalues (spectrum)", ls="", marker="|", ms=8)]
     axes[-1].legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
