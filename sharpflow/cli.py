@@ -256,18 +256,15 @@ def cmd_claims(a: argparse.Namespace) -> None:
 
 def _claims_from_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """The claims spec of a config file, and those of its runs' tables that exist under its results."""
-    from .claims import claim_plan, claim_tables
-    from .config import expand_runs, load_config, presentation_runs
+    from .claims import claim_plan, claim_tables, claims_spec
+    from .config import expand_runs, load_config
 
     cfg = load_config(path)
     runs = expand_runs(cfg)
     plan = claim_plan(cfg, runs)
-    names = sorted({r for entry in plan.values() for r in entry["runs"]})
     inputs = [Path(p) for p in claim_tables(plan, cfg.results, lambda run, kind: (
         Path(cfg.results) / "runs" / run / f"{kind}.parquet").exists())]
-    spec = {"config": cfg.claims.model_dump(mode="json"), "claims": plan,
-            "runs": presentation_runs(cfg, runs, names), "results": cfg.results}
-    return spec, inputs
+    return {**claims_spec(cfg, runs, plan), "results": cfg.results}, inputs
 
 
 def cmd_figure(a: argparse.Namespace) -> None:

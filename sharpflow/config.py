@@ -49,6 +49,10 @@ from .errors import ConfigError
 FORMAT_VERSION = {"prepare": 1, "train": 2, "spectrum": 2,
                   **{name: a.format_version for name, a in ANALYSES.items()}}
 
+#: The optimizers with a diagonal preconditioner (Adam's sqrt(v̂) + ε): their stability threshold is
+#: on the preconditioned Hessian, not 2/η.
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
+
 #: The best-validation checkpoint's file name (``checkpoints.best``), beside the scheduled ones.
 BEST_NAME = "best.pt"
 
@@ -205,14 +209,14 @@ class OptimizerConfig(Strict):
             raise ValueError(f"'nsgd' settings given but optimizer.name is {self.name!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
-        if self.name in ("adam", "adamw") and self.momentum:
+        if self.adaptive and self.momentum:
             raise ValueError(f"momentum is for sgd/nsgd; {self.name} takes betas (β1 is its momentum)")
         return self
 
     @property
     def adaptive(self) -> bool:
         """Adam or AdamW: a diagonal preconditioner sqrt(v̂) + ε."""
-        return self.name in ("adam", "adamw")
+        return self.name in ADAPTIVE_OPTIMIZERS
 
 
 # ------------------------------------------------------------------------------------------ run

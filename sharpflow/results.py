@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import study_of
+from .config import ADAPTIVE_OPTIMIZERS, study_of
 from .errors import SharpflowError
 from .io import read_parquet, write_parquet
 
@@ -197,6 +197,11 @@ def optimizer_of(data: Data, run: str) -> str:
     if opt is None:
         opt = "nsgd" if data.value(run, "gamma") is not None else "sgd"
     return str(opt).lower()
+
+
+def adaptive(data: Data, run: str) -> bool:
+    """Whether ``run`` uses Adam or AdamW (its stability threshold is not 2/η on H)."""
+    return optimizer_of(data, run) in ADAPTIVE_OPTIMIZERS
 
 
 def group_runs(data: Data, runs: list[str]) -> dict[Group, list[str]]:

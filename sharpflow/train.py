@@ -212,8 +212,9 @@ class DataOrder:
     """The examples of each step: epoch ``e`` is a permutation of the training view seeded by
     ``(seed, e)``, cut into consecutive mini-batches."""
 
-    def __init__(self, view: TrainView, seed: int, steps_per_epoch: int, device: torch.device):
-        self.view, self.seed, self.spe, self.device = view, seed, steps_per_epoch, device
+    def __init__(self, view: TrainView, seed: int, steps_per_epoch: int, device: torch.device,
+                 augment: bool = False):
+        self.view, self.seed, self.spe, self.device, self.augment = view, seed, steps_per_epoch, device, augment
         self._perm: Tensor | None = None
         self._epoch = -1
 
@@ -228,15 +229,19 @@ class DataOrder:
         bs = self.view.batch_size
         return self._perm[within * bs : (within + 1) * bs]
 
-    def batches(self, start: int, run: RunConfig) -> Any:
-        """The run's mini-batches (x, y) from update ``start`` on, augmented as training augments them."""
+    def examples(self, step: int) -> tuple[Tensor, Tensor]:
+        """Mini-batch ``step`` as (x, y), augmented (with ``augment``) from a generator seeded by the step."""
+        idx = self.batch(step)
+        xb, yb = self.view.x[idx], self.view.y[idx]
+        if self.augment:
+            xb = augment(xb, torch.Generator(device=xb.device).manual_seed(mix_seed(self.seed, step, 4)))
+        return xb, yb
+
+    def batches(self, start: int) -> Any:
+        """The mini-batches (x, y) from update ``start`` on, exactly as training takes them."""
         step = start
         while True:
-            idx = self.batch(step)
-            xb, yb = self.view.x[idx], self.view.y[idx]
-            if run.augment:
-                xb = augment(xb, torch.Generator(device=xb.device).manual_seed(mix_seed(run.seed, step, 4)))
-            yield xb, yb
+            yield self.examples(step)
             step += 1
 
 
@@ -336,7 +341,7 @@ class _Run:
         self.sched = _Schedule(run)
         self.ckpts = CheckpointWriter(out_dir, config_digest(run, dataset))
         self.metrics = _Metrics([])
-        self.order = DataOrder(self.view, run.seed, self.spe, device)
+        self.order = DataOrder(self.view, run.seed, self.spe, device, augment=run.augment)
         self.nsgd = run.optimizer.nsgd if run.optimizer.name == "nsgd" else None
         self.refresh_every = (self.nsgd.refresh_every_steps or self.spe) if self.nsgd else 0
         self.seed_steps = draws_randomness(self.model)
@@ -410,36 +415,27 @@ class _Run:
         (unless that step is a checkpoint, which has them)."""
         best = self.best
         if best is None or "model" not in best:  # no finite validation at all: the last weights
-            best = {"step": self.steps[-1], "epoch": self.steps[-1] / self.spe, "lr": self.sched.lr_at(
-                self.steps[-1] / self.spe), "model": {k: v.detach().cpu().clone() for k, v in
-                                                     self.model.state_dict().items()}}
+            last = self.steps[-1]
+            best = {"step": last, "epoch": last / self.spe, "lr": self.sched.lr_at(last / self.spe),
+                    "model": self._weights()}
         step = int(best["step"])
         model = copy.deepcopy(self.model)
         model.load_state_dict(best["model"])
         if step not in self.ckpt_steps:
-            theta = _flat_params(model)
-            extra = {"dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm())}
             for split, x, y in (("train", self.view.x, self.view.y), ("test", self.data.test.x, self.data.test.y)):
-                cap = self.run.eval.max_examples
-                loss, acc = evaluate(model, x[:cap] if cap else x, y[:cap] if cap else y, self.run.eval.batch_size)
-                self.metrics.add({"run": self.run_name, "step": step, "epoch": float(best["epoch"]), "split": split,
-                                  "loss": loss, "accuracy": acc, "lr": float(best["lr"]), "wall_s": self.wall(),
-                                  **extra, "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": "ok"})
+                loss, acc = self._evaluate(x, y, model)
+                self._eval_row(step, split, loss, acc, model=model, status="ok", lr=float(best["lr"]))
         self.ckpts.dump_best(step, model=model, epoch=float(best["epoch"]), run_name=self.run_name,
                              lr=float(best["lr"]))
 
     # ------------------------------------------------------------------------------- one step
     def update(self, step: int) -> None:
         """One SGD (or NSGD) update on mini-batch ``step``; its row goes to the metrics buffer."""
-        idx = self.order.batch(step)
         lr = self._set_lr(step)
         refresh_s, refresh_mv = self._refresh(step)
-        xb, yb = self.view.x[idx], self.view.y[idx]
+        xb, yb = self.order.examples(step)
         if self.seed_steps:
             _seed_step(mix_seed(self.run.seed, step, 2), self.device)
-        if self.run.augment:
-            gen = torch.Generator(device=xb.device).manual_seed(mix_seed(self.run.seed, step, 4))
-            xb = augment(xb, gen)
         out = self.model(xb)
         loss = loss_fn(out, yb)
         self.opt.zero_grad(set_to_none=True)
@@ -482,12 +478,7 @@ class _Run:
             val_loss, val_acc = self._evaluate(self.data.valid.x, self.data.valid.y)
             self._valid_at = (step, val_loss, val_acc)
             if not at_ckpt:  # a checkpoint records it with its train and test rows
-                theta = _flat_params(self.model)
-                self.metrics.add({"run": self.run_name, "step": step, "epoch": step / self.spe, "split": "valid",
-                                  "loss": val_loss, "accuracy": val_acc, "lr": self.sched.lr_at(step / self.spe),
-                                  "wall_s": self.wall(), "dist_init": float((theta - self.theta0).norm()),
-                                  "param_norm": float(theta.norm()), "refresh_s": math.nan,
-                                  "refresh_matvecs": math.nan, "status": self.status})
+                self._eval_row(step, "valid", val_loss, val_acc)
                 self._track_best(step, val_acc)
             if self.sched.needs_validation and self.sched.end_of_epoch(val_loss, val_acc):
                 self.status = "stopped"
@@ -497,17 +488,31 @@ class _Run:
             self.dump(step)
 
     # ------------------------------------------------------------------------ evaluation, dumps
-    def _evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+    def _evaluate(self, x: Tensor, y: Tensor, model: nn.Module | None = None) -> tuple[float, float]:
+        """Loss and accuracy of ``model`` (default: the one training) on at most eval.max_examples."""
         cap = self.run.eval.max_examples
         if cap is not None:
             x, y = x[:cap], y[:cap]
-        return evaluate(self.model, x, y, self.run.eval.batch_size)
+        return evaluate(self.model if model is None else model, x, y, self.run.eval.batch_size)
+
+    def _eval_row(self, step: int, split: str, loss: float, acc: float, *, model: nn.Module | None = None,
+                  status: str | None = None, lr: float | None = None) -> None:
+        """One evaluation row at ``step``, with ‖θ−θ₀‖ and ‖θ‖ of ``model`` (default: the one training);
+        ``lr`` and ``status`` default to the schedule's rate at that epoch and the run's status."""
+        theta = _flat_params(self.model if model is None else model)
+        epoch = step / self.spe
+        self.metrics.add({"run": self.run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
+                          "accuracy": acc, "lr": self.sched.lr_at(epoch) if lr is None else lr, "wall_s": self.wall(),
+                          "dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm()),
+                          "refresh_s": math.nan, "refresh_matvecs": math.nan,
+                          "status": self.status if status is None else status})
+
+    def _weights(self) -> dict[str, Tensor]:
+        """A CPU copy of the training model's state."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def _eval_rows(self, step: int) -> None:
         """The "train", "valid" and "test" rows at ``step`` (NaN losses once diverged)."""
-        epoch = step / self.spe
-        theta = _flat_params(self.model)
-        extra = {"dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm())}
         d = self.data
         for split, x, y in (("train", self.view.x, self.view.y), ("valid", d.valid.x, d.valid.y),
                             ("test", d.test.x, d.test.y)):
@@ -519,9 +524,7 @@ class _Run:
                 loss, acc = self._evaluate(x, y)
             if split == "valid":
                 self._track_best(step, acc)
-            self.metrics.add({"run": self.run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
-                              "accuracy": acc, "lr": self.sched.lr_at(epoch), "wall_s": self.wall(), **extra,
-                              "refresh_s": math.nan, "refresh_matvecs": math.nan, "status": self.status})
+            self._eval_row(step, split, loss, acc)
 
     def _track_best(self, step: int, val_acc: float) -> None:
         """Remember ``step`` if its validation accuracy beats every earlier one (ties: the earliest),
@@ -533,7 +536,7 @@ class _Run:
         epoch = step / self.spe
         self.best = {"step": step, "epoch": epoch, "accuracy": val_acc, "lr": self.sched.lr_at(epoch)}
         if self.keep_best:
-            self.best["model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best["model"] = self._weights()
 
     def dump(self, step: int) -> None:
         """The evaluation rows at ``step``, then its checkpoint and resume state."""

@@ -62,14 +62,19 @@ class CheckpointContext:
         """η in force at the checkpoint (the rate the next update uses, after any schedule drop)."""
         return float(self.checkpoint["lr"])
 
+    @property
+    def gamma(self) -> float:
+        """Nudged-SGD's γ along its top subspace; 1 for SGD and for the random-subspace control."""
+        ns = self.run.optimizer.nsgd
+        return ns.gamma if self.run.optimizer.name == "nsgd" and ns is not None and ns.subspace == "top" else 1.0
+
     def direction_lrs(self, k: int) -> list[float]:
         """The learning rate along each of the checkpoint's top ``k`` eigenvectors: γη for the
         first nsgd.k of a Nudged-SGD run with the top subspace (the optimizer's subspace is the
         top-k at its last refresh; the checkpoint's own eigenvectors stand in for it), η otherwise."""
-        opt = self.run.optimizer
-        if opt.name == "nsgd" and opt.nsgd is not None and opt.nsgd.subspace == "top":
-            return [self.lr * opt.nsgd.gamma if i < opt.nsgd.k else self.lr for i in range(k)]
-        return [self.lr] * k
+        ns = self.run.optimizer.nsgd
+        nudged = ns.k if ns is not None and self.gamma != 1.0 else 0
+        return [self.lr * self.gamma if i < nudged else self.lr for i in range(k)]
 
     @property
     def view(self) -> TrainView:

@@ -121,8 +121,8 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
     for mode in cfg.modes:
         e1 = ev["eigenvectors"][0].to(device=device, dtype=theta.dtype) if ok else torch.full_like(theta, math.nan)
         warm["v"] = None
-        order = DataOrder(view, run.seed, view.steps_per_epoch, device)
-        df = escape_ablation(model, loss_fn, theta, e1, order.batches(step, run), lr=ctx.lr, steps=cfg.iterations,
+        order = DataOrder(view, run.seed, view.steps_per_epoch, device, augment=run.augment)
+        df = escape_ablation(model, loss_fn, theta, e1, order.batches(step), lr=ctx.lr, steps=cfg.iterations,
                              mode=mode, factor=cfg.factor, eval_batches=subset, eval_every=cfg.eval_every,
                              lambda_max_fn=(lambda th: top1(th)[0]) if ok else None,
                              e1_fn=(lambda th: top1(th)[1]) if refresh else None, refresh_every=refresh,

@@ -121,23 +121,17 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
                                full_steps=_nudged(ctx, grads, ev["eigenvectors"], ok))
     tables = {"alignment": align, "cross_sections": cross, "widths": widths, "decomposed": decomp}
     ident = {"run": ctx.run_name, "step": step, "epoch": ctx.epoch, "status": status, "lr": lr,
-             "gamma": _gamma(ctx)}
+             "gamma": ctx.gamma}
     for df in tables.values():
         add_ident(df, ident)
     ctx.log(f"[{ctx.run_name}] step {step}: project done in {time.perf_counter() - t0:.2f} s")
     return tables
 
 
-def _gamma(ctx: CheckpointContext) -> float:
-    """γ of a Nudged-SGD run along its top subspace; 1 for SGD and the random-subspace control."""
-    opt = ctx.run.optimizer
-    return opt.nsgd.gamma if opt.name == "nsgd" and opt.nsgd is not None and opt.nsgd.subspace == "top" else 1.0
-
-
 def _nudged(ctx: CheckpointContext, grads: torch.Tensor, eigvecs: torch.Tensor, ok: bool) -> torch.Tensor | None:
     """The update directions of a Nudged-SGD run, g − (1−γ)Σ_{i≤K}(gᵀe_i)e_i, with the checkpoint's
     top-K eigenvectors for the optimizer's subspace; None (the plain gradients) for SGD."""
-    gamma = _gamma(ctx)
+    gamma = ctx.gamma
     if gamma == 1.0 or not ok:
         return None
     nsgd = ctx.run.optimizer.nsgd

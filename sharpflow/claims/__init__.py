@@ -115,6 +115,15 @@ def claim_plan(cfg: Any, runs: dict[str, Any]) -> dict[str, dict[str, list[str]]
     return plan
 
 
+def claims_spec(cfg: Any, runs: dict[str, Any], plan: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """What the claims stage takes besides the tables: the thresholds, the plan and each planned run's
+    settings (:func:`sharpflow.config.presentation_runs`)."""
+    from ..config import presentation_runs
+
+    names = sorted({r for entry in plan.values() for r in entry["runs"]})
+    return {"config": cfg.claims.model_dump(mode="json"), "claims": plan, "runs": presentation_runs(cfg, runs, names)}
+
+
 def claim_tables(plan: dict[str, dict[str, list[str]]], results: str, has: Callable[[str, str], bool]) -> list[str]:
     """The tables ``{results}/runs/{run}/{kind}.parquet`` the claims read, of the runs ``plan`` tests
     them on, where ``has(run, kind)`` (the run has that table); in claim order, no repeats."""
@@ -135,4 +144,4 @@ def code_files() -> list[Path]:
             here.parent / "tables" / "_common.py", here.parent / "tables" / "nsgd.py"]
 
 
-__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "claim_tables", "code_files"]
+__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "claim_tables", "claims_spec", "code_files"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..results import Data, last_finite, varying
+from ..results import Data, adaptive, last_finite, varying
 from . import style
 
 
@@ -52,7 +52,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
                 lf = last_finite(x, y, before=div[0])
                 style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
         eta = data.value(run, "lr")
-        if eta and data.value(run, "optimizer") not in ("adam", "adamw"):  # Adam's threshold: kind precond
+        if eta and not adaptive(data, run):  # Adam's threshold is on P^{-1}H: figure kind precond
             ax_s.axhline(2.0 / float(eta), ls=":", lw=1.0, color=c)
         met = data.rows("metrics", run)
         for split, ls in (("train", "-"), ("test", "--")):

@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..results import Data, last_finite, varying
+from ..results import Data, adaptive, last_finite, varying
 from . import style
 
 
@@ -89,7 +89,7 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
     extra = [style.style_handle("$\\lambda_1$", ls="-"), style.style_handle("$\\lambda_2$", ls="--")]
     if opts.get("stability_line", True):
         # 2/η is the threshold of (S)GD on H; Adam's is on its preconditioned H (figure kind precond)
-        sgd_like = [r for r in runs if data.value(r, "optimizer") not in ("adam", "adamw")]
+        sgd_like = [r for r in runs if not adaptive(data, r)]
         etas = sorted({float(v) for v in (data.value(r, "lr") for r in sgd_like) if v is not None})
         for eta in etas:
             c = next((colours[r] for r in runs if key == "lr" and data.value(r, "lr") == eta), "0.3")

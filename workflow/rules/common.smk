@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
 from sharpflow.kinds import OPTIONAL_TABLES
-from sharpflow.claims import claim_plan, claim_tables, code_files as claims_code_files
+from sharpflow.claims import claim_plan, claim_tables, claims_spec, code_files as claims_code_files
 from sharpflow.config import (
     BEST_NAME,
     FORMAT_VERSION,
@@ -332,8 +332,5 @@ def claims_inputs():
     return claim_tables(CLAIM_PLAN, R, lambda run, kind: kind == "metrics" or (run, kind) in TABLE_STEPS)
 
 
-def claims_spec():
-    runs = sorted({r for entry in CLAIM_PLAN.values() for r in entry["runs"]})
-    return dump_json_dict(
-        {"config": CFG.claims.model_dump(mode="json"), "claims": CLAIM_PLAN, "runs": presentation_runs(CFG, RUNS, runs)}
-    )
+def claims_params():
+    return dump_json_dict(claims_spec(CFG, RUNS, CLAIM_PLAN))

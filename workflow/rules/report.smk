@@ -21,7 +21,7 @@ if CFG.claims.enabled:
                 labels={"table": "claims", "kind": "claims"},
             ),
         params:
-            spec=claims_spec(),
+            spec=claims_params(),
             timing=f"{R}/benchmarks/table/claims.json",
         conda:
             ENV
