@@ -257,6 +257,11 @@ class RunConfig(Strict):
     steps: PositiveInt | None = None
     seed: int = 0
     augment: bool = Field(False, description="Random 4-px shifts + horizontal flips (images only).")
+    loss: Literal["cross_entropy", "mse"] = Field(
+        "cross_entropy",
+        description="Training loss, and the loss every Hessian of the run is taken of: 'cross_entropy' "
+        "(nats), or 'mse', the mean over examples of ½‖z − onehot(y)‖² (Cohen et al. 2021's square loss).",
+    )
     train_subset: PositiveInt | None = Field(
         None,
         description="Train on the first n examples only (not with the spectrum or NSGD, whose Hessian subset "
@@ -634,6 +639,7 @@ def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[s
             "k": ns.k if ns else None,
             "subspace": ns.subspace if ns else None,
             "seed": rc.seed,
+            "loss": rc.loss,
             "steps_per_epoch": steps_per_epoch(rc, cfg.datasets[rc.dataset]),
         }
     return out

@@ -9,7 +9,7 @@ pandas, matplotlib or torch, because the Snakefile imports it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,6 +31,13 @@ class Kinds:
     modules: dict[str, str]  # kind -> its module's file name in the package directory
     shared: tuple[str, ...]  # modules every kind uses, relative to the package directory
     captions: dict[str, str]  # kind -> its report caption, relative to the repository root
+    #: kind -> tables of ``reads`` it uses where a run has them (an analysis switched on for some
+    #: studies only), beside the global :data:`OPTIONAL_TABLES`.
+    optional: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def optional_for(self, kind: str) -> frozenset[str]:
+        """The tables ``kind`` reads only where a run has them."""
+        return OPTIONAL_TABLES | self.optional.get(kind, frozenset())
 
     @property
     def directory(self) -> Path:

@@ -488,6 +488,26 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(*_flat(logits, targets))
 
 
+def mse_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over examples of ½‖z − onehot(y)‖² (summed over the C outputs): the square loss of
+    Cohen et al. (2021), whose Hessian in the outputs is the identity (per example, over N)."""
+    flat_logits, flat_targets = _flat(logits, targets)
+    onehot = F.one_hot(flat_targets, flat_logits.shape[-1]).to(flat_logits.dtype)
+    return 0.5 * (flat_logits - onehot).square().sum(dim=-1).mean()
+
+
+#: the training losses by config name (``loss`` of a run); each returns the mean over the batch.
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": loss_fn, "mse": mse_loss}
+
+
+def loss_for(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss function of a run's ``loss`` setting."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}") from None
+
+
 def count_correct(logits: Tensor, targets: Tensor) -> Tensor:
     """Number of argmax predictions equal to the targets (tokens for an LM), a 0-d int64 tensor."""
     flat_logits, flat_targets = _flat(logits, targets)

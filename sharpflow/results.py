@@ -23,7 +23,7 @@ from .io import read_parquet, write_parquet
 
 #: run fields of ``spec["runs"][run]`` that can distinguish runs, in the order in which a figure
 #: prefers to colour by them.
-SWEEP_KEYS: tuple[str, ...] = ("lr", "batch_size", "gamma", "k", "momentum", "optimizer", "seed")
+SWEEP_KEYS: tuple[str, ...] = ("lr", "batch_size", "gamma", "k", "momentum", "optimizer", "loss", "seed")
 
 
 @dataclass
@@ -177,6 +177,16 @@ def last_finite(x: np.ndarray, y: np.ndarray, before: float | None = None) -> tu
         return None
     i = np.flatnonzero(ok)[-1]
     return float(x[i]), float(y[i])
+
+
+def second_half_median(x: np.ndarray, y: np.ndarray) -> float:
+    """The median of the finite y at x ≥ max(x)/2: over the second half of training when x is the
+    step (NaN if there is none)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) == 0 or not np.isfinite(x).any():
+        return math.nan
+    sel = (x >= np.nanmax(x) / 2) & np.isfinite(y)
+    return float(np.median(y[sel])) if sel.any() else math.nan
 
 
 def style_list(opts: dict[str, Any], key: str, default: Sequence[Any]) -> list[Any]:

@@ -52,7 +52,7 @@ from .config import FORMAT_VERSION, DatasetConfig, RunConfig, checkpoint_steps, 
 from .data import Dataset, TrainView, augment, hessian_batches, load_prepared, train_view
 from .errors import SharpflowError
 from .io import write_parquet
-from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn
+from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn, loss_for
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
 #: step, every step) or "train"/"valid"/"test" (full evaluations at checkpoints; "valid" also at
@@ -131,8 +131,9 @@ class _Schedule:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean loss (nats) and accuracy of ``model`` in eval mode on (x, y)."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+             loss: Callable[[Tensor, Tensor], Tensor] = loss_fn) -> tuple[float, float]:
+    """Mean loss (``loss``: cross-entropy in nats by default) and accuracy of ``model`` in eval mode on (x, y)."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0
@@ -140,7 +141,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[f
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         out = model(xb)
         n_targets = yb.numel()
-        total_loss += float(loss_fn(out, yb)) * n_targets
+        total_loss += float(loss(out, yb)) * n_targets
         correct += float(count_correct(out, yb))
         count += n_targets
     model.train(was_training)
@@ -198,7 +199,7 @@ def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset,
         opt.set_random_subspace(ns.k, generator=g)
         return time.perf_counter() - t0, 0
     n = ns.hessian_examples or len(data.hessian_idx)
-    op = HessianOperator(model, loss_fn, hessian_batches(data, n), weight_decay=run.optimizer.weight_decay)
+    op = HessianOperator(model, loss_for(run.loss), hessian_batches(data, n), weight_decay=run.optimizer.weight_decay)
     res = top_eigenpairs(op, k=ns.k, tol=ns.tol, v0=opt.subspace, seed=gen_seed)
     opt.set_subspace(res.eigenvectors)
     return time.perf_counter() - t0, int(res.matvecs)
@@ -437,7 +438,7 @@ class _Run:
         if self.seed_steps:
             _seed_step(mix_seed(self.run.seed, step, 2), self.device)
         out = self.model(xb)
-        loss = loss_fn(out, yb)
+        loss = loss_for(self.run.loss)(out, yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.run.optimizer.grad_clip is not None:
@@ -493,7 +494,7 @@ class _Run:
         cap = self.run.eval.max_examples
         if cap is not None:
             x, y = x[:cap], y[:cap]
-        return evaluate(self.model if model is None else model, x, y, self.run.eval.batch_size)
+        return evaluate(self.model if model is None else model, x, y, self.run.eval.batch_size, loss_for(self.run.loss))
 
     def _eval_row(self, step: int, split: str, loss: float, acc: float, *, model: nn.Module | None = None,
                   status: str | None = None, lr: float | None = None) -> None:

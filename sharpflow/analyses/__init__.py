@@ -54,6 +54,9 @@ class Analysis:
     #: optional config check: (its section, run id -> checkpoint steps, analysed run ids); raises
     #: ValueError naming the field.
     check: Callable[[Any, dict[str, list[int]], set[str]], None] | None = None
+    #: it reads the eigenvectors of the checkpoint before (``CheckpointContext.previous_eigvecs``),
+    #: so its results also depend on them (part of its stash key).
+    previous: bool = False
 
     def relpath(self, kind: str, step: int) -> str:
         """The table ``kind`` of checkpoint ``step``, relative to the analysis's directory."""
@@ -79,9 +82,10 @@ def strided(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
 
 
 def _registry() -> dict[str, Analysis]:
-    from . import density, escape, ggn, precond, project
+    from . import batch_sharpness, density, escape, ggn, precond, project, subspace
 
-    entries = [project.ANALYSIS, escape.ANALYSIS, density.ANALYSIS, ggn.ANALYSIS, precond.ANALYSIS]
+    entries = [project.ANALYSIS, escape.ANALYSIS, density.ANALYSIS, ggn.ANALYSIS, precond.ANALYSIS,
+               batch_sharpness.ANALYSIS, subspace.ANALYSIS]
     return {a.name: a for a in entries}
 
 

@@ -43,6 +43,9 @@ class CheckpointContext:
     eigvecs: dict[str, Any] | None = None
     eigvecs_path: Path | None = None
     log: Callable[[str], None] = print
+    #: the eigenvector file of the checkpoint just before this one in the same job (None at a job's
+    #: first checkpoint, and in a one-checkpoint ``sharpflow <analysis>`` call).
+    previous_eigvecs: dict[str, Any] | None = None
     _view: TrainView | None = field(default=None, repr=False)
 
     @property
@@ -61,6 +64,13 @@ class CheckpointContext:
     def lr(self) -> float:
         """η in force at the checkpoint (the rate the next update uses, after any schedule drop)."""
         return float(self.checkpoint["lr"])
+
+    @property
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The run's training loss (``loss``), the one its Hessians are taken of."""
+        from ..models import loss_for
+
+        return loss_for(self.run.loss)
 
     @property
     def gamma(self) -> float:

@@ -46,10 +46,10 @@ def compute(ctx: CheckpointContext, cfg: DensityConfig) -> dict[str, pd.DataFram
     from ..data import hessian_batches
     from ..hessian import HessianOperator
     from ..hessian.density import spectral_density
-    from ..models import loss_fn
     from .context import add_ident, finite
 
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     n = cfg.n or len(ctx.data.hessian_idx)
     ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
     if ctx.status == "diverged" or not finite(model):

@@ -84,7 +84,6 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
 
     from ..data import hessian_batches
     from ..hessian import HessianOperator, top_eigenpairs
-    from ..models import loss_fn
     from ..params import flat_params, set_flat_params
     from ..train import DataOrder
     from .context import add_ident
@@ -93,6 +92,7 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
     assert ctx.eigvecs is not None, "escape needs the checkpoint's eigenvectors"
     device, run = ctx.device, ctx.run
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     model.eval()
     ev = ctx.eigvecs
     theta = flat_params(model)

@@ -59,10 +59,10 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
     from ..data import hessian_batches
     from ..hessian import HessianOperator, top_eigenpairs
     from ..hessian.ggn import GGNOperator, SumOperator
-    from ..models import loss_fn
     from .context import add_ident, finite
 
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     n = cfg.n or len(ctx.data.hessian_idx)
     ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
     if ctx.status == "diverged" or not finite(model):
@@ -73,7 +73,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
         return {"ggn": df}
     batches = hessian_batches(ctx.data, n)
     wd = ctx.run.optimizer.weight_decay
-    g = GGNOperator(model, batches, weight_decay=wd)
+    g = GGNOperator(model, batches, weight_decay=wd, loss=ctx.run.loss)
     rows: list[dict[str, Any]] = []
 
     def solve(op: Any, name: str, which: str) -> Any:

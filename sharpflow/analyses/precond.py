@@ -52,7 +52,6 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
     from ..errors import SharpflowError
     from ..hessian import HessianOperator, top_eigenpairs
     from ..hessian.ggn import ScaledOperator
-    from ..models import loss_fn
     from .context import add_ident, finite
 
     opt = ctx.run.optimizer
@@ -63,6 +62,7 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
     base = {"threshold": adam_threshold(lr, beta1), "lr": lr, "beta1": beta1}
     ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     pre = ctx.checkpoint.get("precond")
     if pre is None or ctx.status == "diverged" or not finite(model):
         nan = math.nan

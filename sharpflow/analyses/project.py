@@ -63,7 +63,6 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     """The four projected-gradient tables of one checkpoint (see the module docstring)."""
     import torch
 
-    from ..models import loss_fn
     from ..params import flat_params
     from . import numerics as A
     from .context import add_ident
@@ -71,6 +70,7 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     assert ctx.eigvecs is not None, "project needs the checkpoint's eigenvectors"
     device = ctx.device
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     model.eval()
     ev = ctx.eigvecs
     step, status = ctx.step, ctx.status

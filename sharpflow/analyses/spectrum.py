@@ -91,10 +91,10 @@ def compute(
     """
     from ..data import hessian_batches
     from ..hessian import HessianOperator, frobenius_norm, top_eigenpairs, trace
-    from ..models import loss_fn
     from ..params import num_params
 
     model = ctx.model()
+    loss_fn = ctx.loss_fn
     data, step = ctx.data, ctx.step
     n = cfg.n or len(data.hessian_idx)
     dim = num_params(model)

@@ -133,6 +133,8 @@ def run_chain(
     starts = set(chain_starts or [])
     previous: dict[str, Any] | None = None
     previous_key: str | None = None
+    last: dict[str, Any] | None = None  # the eigenvectors of the checkpoint before, whatever the chain
+    last_key: str | None = None
     written: dict[str, list[Path]] = {}
     t0 = time.perf_counter()
     for i, path in enumerate(checkpoints):
@@ -141,12 +143,16 @@ def run_chain(
         if i == 0 or step in starts:
             previous, previous_key = None, None
         ck_sha = sha256_file(path)
+        ctx.previous_eigvecs, before_key = last, last_key
         previous, previous_key = _spectrum(ctx, spectrum, spec_json, previous, previous_key, stash, ck_sha,
                                            results, progress)
+        last, last_key = previous, previous_key
         written.setdefault("spectrum", []).append(spectrum_paths(results, run_name, step)[0])
         for plan in analyses:
             if step in plan.steps:
-                for kind, out in _run_analysis(ctx, plan, stash, previous_key, ck_sha, results).items():
+                outs = _run_analysis(ctx, plan, stash, previous_key, ck_sha, results,
+                                     before_key if plan.analysis.previous else None)
+                for kind, out in outs.items():
                     written.setdefault(kind, []).append(out)
         log(f"[{run_name}] checkpoint {i + 1} of {len(checkpoints)} (step {step}) done, "
             f"{time.perf_counter() - t0:.1f} s so far")
@@ -187,10 +193,12 @@ def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previ
 
 
 def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum_key: str, ck_sha: str,
-                  results: str | Path) -> dict[str, Path]:
-    """One analysis of one checkpoint, from the stash or computed; its published tables by kind."""
+                  results: str | Path, before_key: str | None = None) -> dict[str, Path]:
+    """One analysis of one checkpoint, from the stash or computed; its published tables by kind.
+    ``before_key``: for an analysis that reads the previous checkpoint's eigenvectors, their key."""
     a, step = plan.analysis, ctx.step
-    key = _key(a.name, dump_json(plan.config), a.format_version, ck_sha, spectrum_key)
+    parts: tuple[Any, ...] = (a.name, dump_json(plan.config), a.format_version, ck_sha, spectrum_key)
+    key = _key(*parts, before_key) if a.previous else _key(*parts)
     files = stash.files(a.name, a.tables, step)
     if not stash.valid(a.name, step, key, list(files.values())):
         tables = compute_tables(a, ctx, plan.config)

@@ -52,6 +52,17 @@ class ClaimsConfig(Strict):
     spread_factor: NonNegativeFloat = Field(
         1.0, description="Claims 6, 7: a difference between γ and γ = 1 counts only beyond this × the sum of the "
         "two groups' sample standard deviations over seeds.")
+    edge_tolerance: float = Field(
+        1.25, gt=1, description="Claims 8-10: 'at the edge' = a median ratio (η·λ_1/2, η·BS/2, λ_1(P⁻¹H) over "
+        "Adam's threshold) within [1/edge_tolerance, edge_tolerance]; 'reached' = the ratio at or above "
+        "1/edge_tolerance once.")
+    subspace_share: float = Field(
+        0.5, gt=0, le=1, description="Claim 11: 'mostly in the top-C eigenspace' = the gradient's median share "
+        "over the second half at least this.")
+    subspace_overlap: float = Field(
+        0.5, gt=0, le=1, description="Claim 11: 'changes slowly' = the median top-C overlap of consecutive "
+        "checkpoints over the second half at least this.")
+    classes: PositiveInt = Field(10, description="Claim 11: C, the number of classes (MNIST-1D, CIFAR-10: 10).")
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,10 @@ class Claim:
 
 
 SEED = "Jastrzębski et al. 2019"
+EOS = "Cohen et al. 2021"
+ESS = "Andreyev & Beneventano 2024"
+ADAM = "Cohen et al. 2022"
+TINY = "Gur-Ari et al. 2018"
 
 #: The claims, in the order the table lists them.
 CLAIMS: tuple[Claim, ...] = (
@@ -90,6 +105,18 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(7, "Nudged-SGD with γ < 1 generalises no worse than γ = 1", SEED,
           "test accuracy at best validation per γ < 1 against γ = 1, beyond the seed spread", "nsgd",
           ("metrics", "spectrum", "spectrum_best"), "nsgd_generalisation"),
+    Claim(8, "full-batch GD: λ_1 rises until η·λ_1/2 ≈ 1, then hovers there", EOS,
+          "per full-batch GD run: median η·λ_1/2 over the second half (after the edge is first reached)",
+          "eos", ("spectrum",), "edge_of_stability"),
+    Claim(9, "mini-batch SGD: batch sharpness settles at 2/η, λ_1 below it", ESS,
+          "per mini-batch run: median η·BS/2 and η·λ_1/2 over the second half", "batch_sharpness",
+          ("batch_sharpness",), "batch_edge"),
+    Claim(10, "Adam: λ_1(P⁻¹H) settles at (2+2β₁)/(η(1−β₁))", ADAM,
+          "per Adam run: median λ_1(P⁻¹H) over its threshold over the second half (after it is first reached)",
+          "precond", ("precond",), "adam_edge"),
+    Claim(11, "after an early phase the gradient lies mostly in the top-C eigenspace, which changes slowly", TINY,
+          "per run: median share of ‖g‖² in the top-C eigenspace and top-C overlap of consecutive checkpoints "
+          "over the second half", "subspace", ("subspace",), "tiny_subspace"),
 )
 
 #: Every table kind a claim reads.

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import Data, lambda_max_rows, load
+from ..results import Data, adaptive, lambda_max_rows, load, second_half_median
 from ..tables._common import Column, Table, mean_std, write
 from . import CLAIMS, READS, Claim, ClaimsConfig
 
@@ -198,9 +198,116 @@ def nsgd_generalisation(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> O
                              lambda g, diff, spread: diff >= -spread, only_below_one=True)
 
 
+def _at_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig,
+             curve: Callable[[str], tuple[np.ndarray, np.ndarray] | None], what: str) -> Outcome:
+    """Claims 8 and 10: per run, the ratio curve (steps, ratio to the threshold) must reach
+    1/edge_tolerance; from then on (and over the second half) its median must lie within
+    [1/edge_tolerance, edge_tolerance]. Runs that never reach it are named and left out; with none
+    reaching it, not enough data."""
+    lo, hi = 1 / cfg.edge_tolerance, cfg.edge_tolerance
+    measured, failing, short, unreached = [], [], [], []
+    for run in runs:
+        c = curve(run)
+        if c is None or int(np.isfinite(c[1]).sum()) < 3:
+            short.append(run)
+            continue
+        x, y = c
+        ok = np.isfinite(y)
+        x, y = x[ok], y[ok]
+        hit = np.flatnonzero(y >= lo)
+        if len(hit) == 0:
+            measured.append(f"{_label(data, run)}: {what} never reached {lo:.2f} (max {y.max():.2f})")
+            unreached.append(run)
+            continue
+        sel = x >= max(float(x[hit[0]]), float(x.max()) / 2)
+        med = float(np.median(y[sel]))
+        measured.append(f"{_label(data, run)}: reached at step {x[hit[0]]:g}; median {what} {med:.2f} over "
+                        f"{int(sel.sum())} checkpoints")
+        if not lo <= med <= hi:
+            failing.append(run)
+    if unreached and len(unreached) + len(short) == len(runs):
+        return Outcome(NO_DATA, measured, f"no run reached the edge: {', '.join(unreached)}"
+                       + (f"; too few checkpoints: {', '.join(short)}" if short else ""))
+    out = _verdict(measured, failing, short, "fewer than 3 finite checkpoints")
+    if unreached:
+        out.reason = "; ".join(x for x in (out.reason, f"did not reach the edge (left out): {', '.join(unreached)}")
+                               if x)
+    return out
+
+
+def edge_of_stability(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
+    """Claim 8: every full-batch (non-adaptive) run that reaches η·λ_1/2 ≥ 1/edge_tolerance hovers there:
+    its median from then on, over the second half, lies within the band."""
+    gd = [r for r in runs if data.value(r, "batch_size") == "full" and not adaptive(data, r)]
+    if not gd:
+        return Outcome(NO_DATA, [], "no full-batch gradient-descent run")
+
+    def curve(run: str) -> tuple[np.ndarray, np.ndarray] | None:
+        c = _lambda_curve(data, run)
+        eta = data.value(run, "lr")
+        return (c["step"].to_numpy(), float(eta) * c["lam"].to_numpy() / 2) if len(c) and _numeric(eta) else None
+
+    return _at_edge(data, gd, cfg, curve, "η·λ_1/2")
+
+
+def adam_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
+    """Claim 10: every Adam run that reaches 1/edge_tolerance of its threshold settles within the band."""
+    def curve(run: str) -> tuple[np.ndarray, np.ndarray] | None:
+        d = data.rows("precond", run)
+        d = d[(d["rank"] == 1) & (d["status"] != "diverged")].sort_values("step") if len(d) else d
+        return (d["step"].to_numpy(float), d["ratio"].to_numpy(float)) if len(d) else None
+
+    adam = [r for r in runs if adaptive(data, r)]
+    if not adam:
+        return Outcome(NO_DATA, [], "no Adam or AdamW run")
+    return _at_edge(data, adam, cfg, curve, "λ_1(P⁻¹H)/threshold")
+
+
+def batch_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
+    """Claim 9: per mini-batch (non-adaptive) run, the median η·BS/2 over the second half lies within
+    the band, and the median η·λ_1/2 is below it."""
+    lo, hi = 1 / cfg.edge_tolerance, cfg.edge_tolerance
+    measured, failing, short = [], [], []
+    for run in runs:
+        if data.value(run, "batch_size") == "full" or adaptive(data, run):
+            continue
+        d = data.rows("batch_sharpness", run)
+        d = d[d["status"] != "diverged"].sort_values("step") if len(d) else d
+        if len(d) < 3:
+            short.append(run)
+            continue
+        bs = second_half_median(d["step"], d["ratio"])
+        lam = second_half_median(d["step"], d["lambda1_ratio"])
+        measured.append(f"{_label(data, run)}: median η·BS/2 {bs:.2f}, η·λ_1/2 {lam:.2f}")
+        if not (lo <= bs <= hi and lam < bs):
+            failing.append(run)
+    return _verdict(measured, failing, short, "fewer than 3 checkpoints")
+
+
+def tiny_subspace(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
+    """Claim 11: per run, the median (second half) share of ‖g‖² in the top-C eigenspace is at least
+    subspace_share and the median top-C overlap of consecutive checkpoints at least subspace_overlap.
+    A run whose spectrum has fewer than C eigenvectors is left out (K ≥ C is needed)."""
+    measured, failing, short = [], [], []
+    for run in runs:
+        d = data.rows("subspace", run)
+        if len(d) == 0 or int(d["k"].max()) < cfg.classes:
+            short.append(run)
+            continue
+        d = d[(d["k"] == cfg.classes) & (d["status"] != "diverged")].sort_values("step")
+        share = second_half_median(d["step"], d["fraction"])
+        overlap = second_half_median(d["step"], d["overlap"])
+        measured.append(f"{_label(data, run)}: top-{cfg.classes} share {share:.2f}, overlap {overlap:.2f}")
+        if not (share >= cfg.subspace_share and overlap >= cfg.subspace_overlap):
+            failing.append(run)
+    return _verdict(measured, failing, short, f"fewer than {cfg.classes} eigenvectors or no rows")
+
+
 CHECKS: dict[str, Callable[[Data, Sequence[str], ClaimsConfig], Outcome]] = {
     "peak_early": peak_early, "lower_peak": lower_peak, "steered": steered, "aligned": aligned,
     "overshoot": overshoot, "nsgd_sharpness": nsgd_sharpness, "nsgd_generalisation": nsgd_generalisation,
+    "edge_of_stability": edge_of_stability, "batch_edge": batch_edge, "adam_edge": adam_edge,
+    "tiny_subspace": tiny_subspace,
 }
 
 

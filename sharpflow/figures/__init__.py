@@ -24,6 +24,12 @@ Figure kinds (module, tables read):
   one curve per run, with the top-k eigenvalues marked.
 - ``precond`` (precond.py; precond): Adam's preconditioned sharpness λ_1(P^{-1}H) vs epoch with
   its threshold (2 + 2β₁)/(η(1 − β₁)).
+- ``eos`` (eos.py; metrics, spectrum): η·λ_1/2 of full-batch runs vs step with the line at 1 and
+  each run's second-half median, and the training loss (Cohen et al. 2021).
+- ``batch_sharpness`` (batch_sharpness.py; batch_sharpness): η·BS/2 and η·λ_1/2 vs epoch, one
+  panel per study (Andreyev & Beneventano 2024).
+- ``subspace`` (subspace.py; subspace): the gradient's share in the top-k eigenspace vs k and vs
+  epoch, and the overlap of consecutive checkpoints' top-k eigenspaces (Gur-Ari et al. 2018).
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -49,6 +55,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "nsgd": ("metrics", "spectrum"),
     "density": ("density", "spectrum"),
     "precond": ("precond",),
+    "eos": ("metrics", "spectrum"),
+    "batch_sharpness": ("batch_sharpness",),
+    "subspace": ("subspace",),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module

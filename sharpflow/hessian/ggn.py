@@ -1,10 +1,11 @@
-"""The generalised Gauss-Newton matrix of the mean cross-entropy, and sums of operators.
+"""The generalised Gauss-Newton matrix of the mean cross-entropy (or square loss), and sums of operators.
 
 For logits z_n(θ) of example n and the softmax p_n, the Hessian of the mean cross-entropy splits as
 H = G + R with G = (1/N) Σ_n J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n, J_n = ∂z_n/∂θ, and R the part from
 the curvature of the network itself (Σ_n Σ_c (p_nc − y_nc) ∇²z_nc / N). G is positive semi-definite;
 for a model linear in θ, R = 0 and G = H. Papyan (2019, 2020): G's top eigenvalues, as many as the
-classes, come from the class means and make the outliers of H's spectrum.
+classes, come from the class means and make the outliers of H's spectrum. For the square loss
+½‖z_n − y_n‖² (``loss="mse"``) the Hessian in the outputs is the identity: G = (1/N) Σ_n J_nᵀJ_n.
 
 :class:`GGNOperator` applies G (+ weight_decay·I, as the Hessian operator adds it) with the same data
 handling as :class:`~sharpflow.hessian.operators.HessianOperator`: the model deep-copied and in
@@ -32,7 +33,8 @@ from .operators import LinearOperator
 
 
 class GGNOperator:
-    """The generalised Gauss-Newton matrix of the mean cross-entropy over N fixed examples.
+    """The generalised Gauss-Newton matrix of the mean cross-entropy (``loss="mse"``: of the mean
+    square loss ½‖z − onehot(y)‖²) over N fixed examples.
 
     Args:
         model: the network (deep-copied; the user's model is never modified). Its output are logits
@@ -43,6 +45,7 @@ class GGNOperator:
         chunk_size: re-split the examples into chunks of at most this many.
         cache: keep each chunk's forward pass for the backward half of every product (memory: the
             activations of all N examples); False recomputes it per product.
+        loss: "cross_entropy" (softmax Hessian diag(p) − ppᵀ in the outputs) or "mse" (identity).
 
     Attributes:
         dim, dtype, device: as for every :class:`~sharpflow.hessian.operators.LinearOperator`.
@@ -51,7 +54,11 @@ class GGNOperator:
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *, weight_decay: float = 0.0,
-                 eval_mode: bool = True, chunk_size: int | None = None, cache: bool = True) -> None:
+                 eval_mode: bool = True, chunk_size: int | None = None, cache: bool = True,
+                 loss: str = "cross_entropy") -> None:
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"unknown loss {loss!r}; the GGN knows 'cross_entropy' and 'mse'")
+        self.loss = loss
         if not batches:
             raise ValueError("need at least one batch")
         self._model = copy.deepcopy(model)
@@ -114,8 +121,10 @@ class GGNOperator:
                                             category=FutureWarning)
                     _, jv = jvp(self._logits(x), (self._like,), (tangent,))
                 jv = jv.detach().reshape(-1, p.shape[-1])
-                # the softmax cross-entropy's Hessian in the logits, diag(p) − ppᵀ, per target
-                u = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) / self.num_targets
+                if self.loss == "mse":  # the square loss's Hessian in the outputs: the identity
+                    u = jv / self.num_targets
+                else:  # the softmax cross-entropy's Hessian in the logits, diag(p) − ppᵀ, per target
+                    u = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) / self.num_targets
                 (g,) = back(u.reshape(shape))
                 acc += flatten(g)
             out[:, j] = acc + self.weight_decay * col if self.weight_decay else acc

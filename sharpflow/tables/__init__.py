@@ -14,6 +14,9 @@ Table kinds (module, tables read):
   (and γ when it varies), then the SGD baselines.
 - ``peak`` (peak.py; spectrum): per run (η, S), the peak of λ_max, the step and epoch at which it
   peaks, η·λ_max/2 there, and the final λ_max.
+- ``edge`` (edge.py; spectrum, and batch_sharpness, precond, subspace where a run has them): per
+  run, second-half medians of η·λ_1/2, η·BS/2, Adam's λ_1(P^{-1}H) over its threshold, and the
+  gradient's share in and the overlap of the top-C eigenspace.
 
 Inputs are ``…/runs/{run}/{table}.parquet`` (run = directory name, table = file stem).
 """
@@ -30,6 +33,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "nsgd": ("metrics", "spectrum", "spectrum_best"),
     "nsgd_k": ("metrics", "spectrum", "spectrum_best"),
     "peak": ("spectrum",),
+    "edge": ("spectrum", "batch_sharpness", "precond", "subspace"),
 }
 
 #: The registry (see :class:`sharpflow.kinds.Kinds`). Captions have a "table_" prefix: the figure
@@ -38,9 +42,10 @@ REGISTRY = Kinds(
     package=__name__,
     what="table",
     reads=KINDS,
-    modules={"nsgd": "nsgd.py", "nsgd_k": "nsgd.py", "peak": "peak.py"},
+    modules={"nsgd": "nsgd.py", "nsgd_k": "nsgd.py", "peak": "peak.py", "edge": "edge.py"},
     shared=("_common.py", "../results.py"),
     captions={kind: f"workflow/report/table_{kind}.rst" for kind in KINDS},
+    optional={"edge": frozenset({"batch_sharpness", "precond", "subspace"})},
 )
 
 

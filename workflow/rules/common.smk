@@ -7,7 +7,6 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
-from sharpflow.kinds import OPTIONAL_TABLES
 from sharpflow.claims import claim_plan, claim_tables, claims_spec, code_files as claims_code_files
 from sharpflow.config import (
     BEST_NAME,
@@ -292,18 +291,21 @@ def study_runs(studies):
     return [run for run in RUNS if study_of(run) in studies]
 
 
-def presentation_inputs(item, table_kinds):
+def presentation_inputs(item, package):
     """The aggregated tables a figure or table reads: exactly its studies' runs' files (a run
-    counts for an analysis's tables only where that analysis ran, e.g. escape's chosen runs)."""
+    counts for an analysis's tables only where that analysis ran, e.g. escape's chosen runs; a
+    table the kind reads only where a run has it does not exclude the run)."""
     runs = study_runs(item.studies)
-    analysed = [t for t in table_kinds if t != "metrics" and t not in OPTIONAL_TABLES]
+    table_kinds = package.KINDS[item.kind]
+    optional = package.REGISTRY.optional_for(item.kind)
+    analysed = [t for t in table_kinds if t != "metrics" and t not in optional]
     if analysed:
         runs = [run for run in runs if all((run, t) in TABLE_STEPS for t in analysed)]
     return [
         f"{R}/runs/{run}/{t}.parquet"
         for run in runs
         for t in table_kinds
-        if t not in OPTIONAL_TABLES or (run, t) in TABLE_STEPS
+        if t not in optional or (run, t) in TABLE_STEPS
     ]
 
 

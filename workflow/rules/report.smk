@@ -43,7 +43,7 @@ for _name, _fig in CFG.figures.items():
         name:
             f"figure_{_name}"
         input:
-            tables=presentation_inputs(_fig, sharpflow.figures.KINDS[_fig.kind]),
+            tables=presentation_inputs(_fig, sharpflow.figures),
             code=code_inputs(sharpflow.figures, _fig.kind),
         output:
             pdf=f"{R}/figures/{_name}.pdf",
@@ -76,7 +76,7 @@ for _name, _tab in CFG.tables.items():
         name:
             f"table_{_name}"
         input:
-            tables=presentation_inputs(_tab, sharpflow.tables.KINDS[_tab.kind]),
+            tables=presentation_inputs(_tab, sharpflow.tables),
             code=code_inputs(sharpflow.tables, _tab.kind),
         output:
             md=f"{R}/tables/{_name}.md",

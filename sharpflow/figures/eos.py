@@ -1,0 +1,82 @@
+"""``eos``: the edge of stability of full-batch gradient descent (Cohen et al. 2021).
+
+Left: η·λ_1/2 against step, one colour per run (by η when η varies), with the stability line
+η·λ_1/2 = 1 (λ_1 = 2/η) dotted; a tick on the right edge marks each run's median over the second
+half of training (the statistic of the ``eos`` column of the ``edge`` table). Right: the training
+loss on a log scale — at the edge it keeps falling over long spans while rising over short ones.
+Full-batch runs are drawn (``batch_size == "full"``); if the spec has none, all runs are. An
+unconverged pair is ringed; a diverged run ends with a ×.
+
+Style options: ``max_runs`` (default 8), ``width``, ``title``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..results import Data, lambda_max_rows, last_finite, second_half_median, varying
+from . import style
+
+
+def plot(data: Data, opts: dict[str, Any]) -> Figure:
+    runs = data.runs_with("spectrum")
+    full = [r for r in runs if data.value(r, "batch_size") == "full"]
+    runs = (full or runs)[: int(opts.get("max_runs", 8))]
+    if not runs:
+        return style.no_data("eos", "no spectrum rows")
+    _, colours = style.run_colours(data, runs)
+    keys = varying(data, runs)
+    fig = style.new_figure(float(opts.get("width", style.DOUBLE)), 2.6)
+    ax_s, ax_l = fig.subplots(1, 2)
+    handles = []
+    any_div = any_unconverged = False
+    for run in runs:
+        c = colours[run]
+        eta = data.value(run, "lr")
+        div = data.divergence(run)
+        any_div |= div is not None
+        handles.append(style.style_handle(style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run),
+                                                               div is not None), color=c, ls="-"))
+        d = lambda_max_rows(data.rows("spectrum", run)).sort_values("step")
+        if eta and len(d):
+            x, y = d["step"].to_numpy(float), float(eta) * d["eigenvalue"].to_numpy(float) / 2
+            ax_s.plot(x, y, color=c, lw=1.2, marker="o", ms=2)
+            any_unconverged |= style.mark_unconverged(ax_s, d, x, y, c)
+            med = second_half_median(x, y)
+            if np.isfinite(med):
+                ax_s.plot([1.0], [med], marker="<", ms=6, color=c, transform=ax_s.get_yaxis_transform(),
+                          clip_on=False)
+            if div is not None:
+                lf = last_finite(x, y, before=div[0])
+                style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
+        met = data.rows("metrics", run)
+        tr = met[met["split"] == "train"].sort_values("step") if len(met) else met
+        if len(tr):
+            x, y = tr["step"].to_numpy(float), tr["loss"].to_numpy(float)
+            ok = np.isfinite(y) & (y > 0)
+            ax_l.plot(x[ok], y[ok], color=c, lw=1.0)
+    ax_s.axhline(1.0, ls=":", lw=1.0, color="k")
+    if not ax_s.lines:
+        style.empty_panel(ax_s, "no spectrum")
+    if not ax_l.lines:
+        style.empty_panel(ax_l, "no training loss")
+    else:
+        ax_l.set_yscale("log")
+        style.plain_log(ax_l)
+    note = " (= epoch, full batch)" if full else ""
+    ax_s.set_xlabel(f"step{note}")
+    ax_s.set_ylabel("$\\eta\\lambda_1/2$")
+    ax_l.set_xlabel(f"step{note}")
+    ax_l.set_ylabel("training loss")
+    extra = [style.style_handle("$\\lambda_1 = 2/\\eta$", ls=":", color="k"),
+             style.style_handle("median, 2nd half", marker="<", ls="none")]
+    if any_unconverged:
+        extra.append(style.unconverged_handle())
+    if any_div:
+        extra.append(style.diverged_handle())
+    ax_l.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    style.suptitle(fig, data, runs, opts, "Edge of stability")
+    return fig
