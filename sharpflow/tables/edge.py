@@ -26,7 +26,6 @@ from typing import Any
 from ..results import Data, adaptive, lambda_max_rows, second_half_median, sort_value
 from ._common import Column, Table
 
-
 LOSS_NAMES = {"cross_entropy": "CE", "mse": "MSE"}
 
 
