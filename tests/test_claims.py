@@ -96,15 +96,49 @@ def tree(root: Path, case: str) -> tuple[dict, list[Path]]:
             run = f"nsgd-gamma{gamma:g}-seed{seed}"
             runs[run] = _meta(0.05, "nsgd", gamma=gamma, seed=seed)
             inputs += _write(root, run, **_nsgd_run(lam + seed, acc + 0.01 * seed))
+    # Edge of stability (claim 8): full-batch GD reaching 2/η and hovering at 1.05 of it (holds) or at
+    # 2 (fails); in both, a small η that never reaches it (left out)
+    for lr, level in ((0.1, 1.05 if good else 2.0), (0.2, 1.1 if good else 2.0), (0.01, 0.3)):
+        run = f"eos-lr{lr}"
+        runs[run] = _meta(lr, "eos", bs="full")
+        ratios = [level * min(1.0, (e + 1) / 3) for e in EPOCHS] if level > 1 else [level * e / 10 for e in EPOCHS]
+        inputs += _write(root, run, spectrum=_spectrum([2 * r / lr for r in ratios]))
+    # Batch sharpness (claim 9): η·BS/2 at 1.0 with η·λ1/2 at 0.7 (holds), or at 0.4 (fails)
+    for lr in (0.05, 0.1):
+        run = f"eta-lr{lr}"
+        inputs += _write(root, run, batch_sharpness=pd.DataFrame(
+            [{"step": 10 * e, "epoch": float(e), "status": "ok", "ratio": (1.0 if good else 0.4) * min(1, (e + 1) / 4),
+              "lambda1_ratio": 0.7} for e in EPOCHS]))
+    # Adam (claim 10): λ1(P⁻¹H) at 0.9 of its threshold (holds) or 3 times it (fails)
+    for lr in (0.001, 0.002):
+        run = f"adam-lr{lr}"
+        runs[run] = {**_meta(lr, "adam", bs="full"), "optimizer": "adam"}
+        level = 0.9 if good else 3.0
+        inputs += _write(root, run, precond=pd.DataFrame(
+            [{"step": 10 * e, "epoch": float(e), "status": "ok", "rank": 1, "ratio": level * min(1, (e + 1) / 3)}
+             for e in EPOCHS]))
+    # The tiny subspace (claim 11): share 0.9 and overlap 0.8 at k = 10 (holds), or share 0.2 (fails)
+    for lr in (0.05, 0.1):
+        run = f"eta-lr{lr}"
+        share = 0.9 if good else 0.2
+        inputs += _write(root, run, subspace=pd.DataFrame(
+            [{"step": 10 * e, "epoch": float(e), "status": "ok", "k": k, "fraction": share * k / 10,
+              "overlap": 0.8 if e else math.nan} for e in EPOCHS for k in range(1, 11)]))
     grid_runs = [r for r in runs if r.startswith("eta")]
     nsgd_runs = [r for r in runs if r.startswith("nsgd")]
+    eos_runs = [r for r in runs if r.startswith("eos")]
+    adam_runs = [r for r in runs if r.startswith("adam")]
     plan = {"1": {"runs": grid_runs, "figures": ["figures/eta_grid"]},
             "2": {"runs": grid_runs, "figures": ["figures/eta_grid"]},
             "3": {"runs": grid_runs, "figures": ["figures/eta_grid"]},
             "4": {"runs": grid_runs, "figures": ["figures/alignment"]},
             "5": {"runs": grid_runs, "figures": ["figures/decomposed"]},
             "6": {"runs": nsgd_runs, "figures": ["tables/nsgd"]},
-            "7": {"runs": nsgd_runs, "figures": ["tables/nsgd"]}}
+            "7": {"runs": nsgd_runs, "figures": ["tables/nsgd"]},
+            "8": {"runs": eos_runs, "figures": ["figures/eos"]},
+            "9": {"runs": grid_runs, "figures": ["figures/batch_sharpness"]},
+            "10": {"runs": adam_runs, "figures": ["figures/adam"]},
+            "11": {"runs": grid_runs, "figures": ["figures/subspace"]}}
     return {"config": {}, "claims": plan, "runs": runs}, inputs
 
 
@@ -122,6 +156,14 @@ def test_every_claim_holds(tmp_path):
     assert "η·λ_1/2 > 1: 18 of 18 steps raised the loss; < 1: 0 of 18" in by[5]["measured"]  # 3 runs × 6
     assert "γ=0.1: λ_max at best validation 30.5 ± 0.707 vs γ=1 20.5 ± 0.707" in by[6]["measured"]
     assert "peak 18 at epoch 2 of 10, final/peak 0.85" in by[1]["measured"]
+    # claim 8: reached at epoch 2 (step 20); median 1.05 and 1.1; η = 0.01 never reached 0.8
+    assert "eos-lr0.1 (η=0.1, S=full, seed=0): reached at step 20; median η·λ_1/2 1.05" in by[8]["measured"]
+    assert "never reached 0.80 (max 0.30)" in by[8]["measured"]
+    assert "did not reach the edge (left out): eos-lr0.01" in by[8]["reason"]
+    assert "median η·BS/2 1.00, η·λ_1/2 0.70" in by[9]["measured"]  # eta-lr0.02 has no table: left out
+    assert "missing tables (batch_sharpness) for: eta-lr0.02" in by[9]["reason"]
+    assert "median λ_1(P⁻¹H)/threshold 0.90" in by[10]["measured"]
+    assert "top-10 share 0.90, overlap 0.80" in by[11]["measured"]
 
 
 def test_every_claim_fails(tmp_path):
@@ -134,6 +176,23 @@ def test_every_claim_fails(tmp_path):
     assert "fails for eta-lr0.1" in by[3]["reason"]  # η·λ1/2 = 0.1·60/2 = 3 > 2
     assert "fails for γ=0.1, γ=5" in by[6]["reason"]
     assert "fails for γ=0.1" in by[7]["reason"]
+    assert "fails for eos-lr0.1, eos-lr0.2" in by[8]["reason"]  # median 2 > 1.25
+    assert "fails for eta-lr0.05, eta-lr0.1" in by[9]["reason"]
+    assert "fails for adam-lr0.001, adam-lr0.002" in by[10]["reason"]
+    assert "fails for eta-lr0.05, eta-lr0.1" in by[11]["reason"]
+
+
+def test_edge_claims_need_the_edge_reached_and_enough_eigenvectors(tmp_path):
+    """No full-batch run reaching 2/η (claim 8) and a spectrum with fewer eigenvectors than classes
+    (claim 11) give "not enough data"; a run without the precond table, too."""
+    spec, inputs = tree(tmp_path, "holds")
+    spec["claims"]["8"]["runs"] = ["eos-lr0.01"]
+    spec["claims"]["10"]["runs"] = ["eta-lr0.05"]
+    spec["config"] = {"classes": 12}
+    rows = {r["number"]: r for r in evaluate(spec, inputs)}
+    assert rows[8]["verdict"] == NO_DATA and "no run reached the edge: eos-lr0.01" in rows[8]["reason"]
+    assert rows[10]["verdict"] == NO_DATA and "missing tables (precond) for: eta-lr0.05" in rows[10]["reason"]
+    assert rows[11]["verdict"] == NO_DATA and "fewer than 12 eigenvectors" in rows[11]["reason"]
 
 
 def test_thresholds_come_from_the_config(tmp_path):

@@ -63,7 +63,7 @@ def batch_sharpness(model: nn.Module, loss_fn: LossFn, batches: list[tuple[Tenso
         hg = torch.autograd.grad(grads, params, grad_outputs=g)
         num = sum(float((a.double() * b.double()).sum()) for a, b in zip(g, hg, strict=True))
         den = sum(float(a.double().square().sum()) for a in g)
-        out.append(num / den if den > 0 and math.isfinite(num) and math.isfinite(float(loss)) else math.nan)
+        out.append(num / den if den > 0 and math.isfinite(num) and math.isfinite(float(loss.detach())) else math.nan)
     return out
 
 
