@@ -58,7 +58,8 @@ from .models import build_model, count_correct, count_correct_each, draws_random
 #: step, every step) or "train"/"valid"/"test" (full evaluations at checkpoints; "valid" also at
 #: every epoch end unless ``eval.valid_every_epoch`` is false; with ``checkpoints.best``, "train"
 #: and "test" also at the best-validation step, evaluated on the saved best weights). ``loss`` is
-#: the run's loss (mean cross-entropy in nats, or the square loss for ``loss: mse``), ``accuracy`` a fraction in [0, 1], ``lr`` the learning rate used for
+#: the run's loss (mean cross-entropy in nats, or the square loss for ``loss: mse``), ``accuracy``
+#: a fraction in [0, 1], ``lr`` the learning rate used for
 #: that step, ``wall_s`` seconds since the run started (summed over resumed sessions), ``dist_init`` ‖θ_t − θ_0‖₂ and
 #: ``param_norm`` ‖θ_t‖₂ (evaluation rows only), ``refresh_s``/``refresh_matvecs`` the cost of
 #: an NSGD subspace refresh done before that step (batch rows only, NaN otherwise), ``status``

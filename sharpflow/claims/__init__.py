@@ -8,7 +8,8 @@ kind) and link its figures, and the per-run tables it reads. The ``claims`` stag
 "does not hold", "not enough data" naming what is missing) and the evidence.
 
 Thresholds are fields of :class:`ClaimsConfig` (the ``claims`` config section) with documented
-defaults, fixed before any run was looked at; a study must never tune them until a claim holds.
+defaults: those of claims 1-7 fixed before any run was looked at, those of 8-11 from the papers'
+wording after exploratory runs; a study must never tune them until a claim holds.
 Adding a claim: one :class:`Claim` entry in :data:`CLAIMS` and its function in :mod:`.checks`.
 
 Light: no pandas or torch here (the Snakefile imports it).

@@ -22,9 +22,7 @@ from . import style
 
 
 def plot(data: Data, opts: dict[str, Any]) -> Figure:
-    runs = data.runs_with("spectrum")
-    full = [r for r in runs if data.value(r, "batch_size") == "full"]
-    runs = (full or runs)[: int(opts.get("max_runs", 8))]
+    runs, full = style.full_batch_first(data, data.runs_with("spectrum"), int(opts.get("max_runs", 8)))
     if not runs:
         return style.no_data("eos", "no spectrum rows")
     _, colours = style.run_colours(data, runs)

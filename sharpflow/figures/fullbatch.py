@@ -22,8 +22,7 @@ from . import style
 
 def plot(data: Data, opts: dict[str, Any]) -> Figure:
     runs = [r for r in data.runs if r in set(data.runs_with("spectrum")) | set(data.runs_with("metrics"))]
-    full = [r for r in runs if data.value(r, "batch_size") == "full"]
-    runs = (full or runs)[: int(opts.get("max_runs", 6))]
+    runs, full = style.full_batch_first(data, runs, int(opts.get("max_runs", 6)))
     if not runs:
         return style.no_data("fullbatch", "no spectrum or metrics rows")
     _, colours = style.run_colours(data, runs)

@@ -199,6 +199,13 @@ def title_from(settings: Sequence[tuple[str, Any]]) -> str:
     return ", ".join(fmt_value(k, v) for k, v in settings)
 
 
+def full_batch_first(data: Any, runs: Sequence[str], max_runs: int) -> tuple[list[str], bool]:
+    """The full-batch runs among ``runs`` (all of them if none is), at most ``max_runs``, and whether
+    they are full-batch (a step is then an epoch)."""
+    full = [r for r in runs if data.value(r, "batch_size") == "full"]
+    return list(full or runs)[:max_runs], bool(full)
+
+
 def run_colours(
     data: Any,
     runs: Sequence[str],

@@ -29,7 +29,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     classes = int(opts.get("classes", 10))
     _, colours = style.run_colours(data, runs)
     keys = varying(data, runs)
-    fig = style.new_figure(float(opts.get("width", style.DOUBLE * 1.2)), 2.6)
+    fig = style.new_figure(float(opts.get("width", style.DOUBLE * 1.2)), 2.9)
     ax_k, ax_f, ax_o = fig.subplots(1, 3)
     first = sub[sub["run"] == runs[0]]
     steps = sorted(first["step"].unique())
@@ -43,8 +43,9 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_k.set_xlabel("k")
     ax_k.set_ylabel("$\\|P_k g\\|^2/\\|g\\|^2$")
     ax_k.set_ylim(0, 1.02)
-    ax_k.legend(fontsize="x-small", loc="lower right", title=style.run_label(data.meta.get(runs[0], {}), keys,
-                                                                             runs[0]), title_fontsize="x-small")
+    ax_k.legend(fontsize="xx-small", loc="lower right", ncol=2, title=style.run_label(data.meta.get(runs[0], {}),
+                                                                                        keys, runs[0]),
+                title_fontsize="xx-small")
     handles = []
     for run in runs:
         d = sub[sub["run"] == run]
@@ -60,7 +61,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_f.set_xlabel("epoch")
     ax_o.set_xlabel("epoch")
     ax_f.set_ylabel(f"gradient share in top-{kk}")
-    ax_o.set_ylabel(f"top-{kk} overlap, consecutive checkpoints")
+    ax_o.set_ylabel(f"top-{kk} overlap with the checkpoint before")
     ax_o.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="x-small")
     style.suptitle(fig, data, runs, opts, "The tiny subspace")
     return fig

@@ -42,6 +42,7 @@ for _run in ANALYSED:
             benchmark:
                 f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.tsv"
             threads: _res["threads"]
+            priority: ANALYSIS_PRIORITY + analysis_weight(_run)
             resources:
                 **{k: v for k, v in _res.items() if k != "threads"},
             shell:
@@ -78,6 +79,7 @@ for _group, _runs in GROUPS.items():
         benchmark:
             f"{R}/benchmarks/analyse/{_group}/job000.tsv"
         threads: _res["threads"]
+        priority: ANALYSIS_PRIORITY + sum(analysis_weight(r) for r in _runs)
         resources:
             **{k: v for k, v in _res.items() if k != "threads"},
         shell:

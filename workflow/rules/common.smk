@@ -78,6 +78,28 @@ def _jobs(run):
 
 
 PLAN = {run: _plan(run) for run in ANALYSED}
+
+
+def analysis_weight(run):
+    """A rough measure of a run's analysis work: its checkpoints (the spectrum) plus, per planned
+    analysis, the checkpoints it runs at. The scheduling priority of the run's training job, and
+    (plus ANALYSIS_PRIORITY) of its analysis job: the runs with the most analysis behind them train
+    first and their analysis starts as soon as it can, so no long analysis job is left running alone
+    at the end while the other cores idle. Results never depend on it."""
+    if run not in PLAN:
+        return 0
+    return len(STEPS[run]) + sum(len(steps) for _, steps in PLAN[run].values())
+
+
+def train_priority(run):
+    """The training job's priority: longest first (its steps / 100, a rough proxy of its time, plus
+    the analysis work behind it), the usual heuristic for finishing a set of jobs on few cores."""
+    steps = STEPS[run]
+    return (steps[-1] // 100 if steps else 0) + analysis_weight(run)
+
+
+#: Analysis jobs go before any training job once their inputs exist.
+ANALYSIS_PRIORITY = 100000
 CHAINS = {run: _chains(run) for run in ANALYSED}
 JOBS = {run: _jobs(run) for run in ANALYSED}
 #: runs whose analysis is split over several jobs: their aggregated tables need a job of their own.

@@ -25,6 +25,7 @@ for _run, _rc in RUNS.items():
         benchmark:
             f"{R}/benchmarks/train/{_run}.tsv"
         threads: RES.train.threads
+        priority: train_priority(_run)
         resources:
             gpu=RES.train.gpu,
             gpu_model=RES.train.gpu_model,
