@@ -327,3 +327,16 @@ def test_followup_figures_draw(tmp_path, kind) -> None:
     out = tmp_path / "fig"
     figures.draw(kind, spec, mine, out / "f.pdf", out / "f.png")
     assert (out / "f.png").read_bytes()[:4] == b"\x89PNG" and (out / "f.pdf").stat().st_size > 1000
+
+
+def test_optional_tables_are_read_tables() -> None:
+    """A kind's optional tables are among those it reads, and every other table it reads is required:
+    the edge table needs only the spectrum of a run."""
+    from sharpflow import figures, tables
+    from sharpflow.kinds import OPTIONAL_TABLES
+
+    for pkg in (figures, tables):
+        for kind, opt in pkg.REGISTRY.optional.items():
+            assert opt <= set(pkg.KINDS[kind]), (pkg.__name__, kind)
+    assert set(tables.KINDS["edge"]) - tables.REGISTRY.optional_for("edge") == {"spectrum"}
+    assert figures.REGISTRY.optional_for("eos") == OPTIONAL_TABLES
