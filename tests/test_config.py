@@ -51,8 +51,9 @@ def test_shipped_configs_are_valid():
     cfg = parse_config(raw)
     assert set(cfg.studies) == paper_studies and set(cfg.figures) == paper_figures
     assert {d.source for d in cfg.datasets.values()} == {"synthetic_images", "synthetic_text"}
-    assert {rc.model.name for rc in expand_runs(cfg).values()} == {
-        "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm"}
+    models = {"simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm", "mlp"}  # mlp: the EoS studies
+    assert {rc.model.name for rc in expand_runs(cfg).values()} == models
+    assert {rc.model.name for rc in expand_runs(load_config(ROOT / "config" / "paper.yaml")).values()} == models
 
 
 def test_sweep_expands_to_named_runs():

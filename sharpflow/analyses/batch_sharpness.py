@@ -105,8 +105,9 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
         "lambda1": lam1, "lambda1_ratio": lr * lam1 / 2,
     }])
     add_ident(df, {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": status})
-    ctx.log(f"[{ctx.run_name}] step {ctx.step}: batch sharpness {mean:.4g} ± {se:.2g} "
-            f"(η·BS/2 = {lr * mean / 2:.2f}; η·λ1/2 = {lr * lam1 / 2:.2f})")
+    spread = f"± {se:.2g} over {len(ok)} batches" if math.isfinite(se) else f"over {len(ok)} batch(es)"
+    edge = f"η·BS/2 = {lr * mean / 2:.2f}" + (f"; η·λ1/2 = {lr * lam1 / 2:.2f}" if math.isfinite(lam1) else "")
+    ctx.log(f"[{ctx.run_name}] step {ctx.step}: batch sharpness {mean:.4g} {spread} ({edge})")
     return {"batch_sharpness": df}
 
 
