@@ -275,8 +275,11 @@ def _runs_tree(root):
 
     meta["eos-lr0.1"] = {"study": "eos", "lr": 0.1, "batch_size": "full", "optimizer": "sgd", "seed": 0, "loss": "mse"}
     write("eos-lr0.1", "spectrum", spectrum([10.0] * 5 + [22.0] * 5))
-    write("eos-lr0.1", "metrics", pd.DataFrame([{"step": s, "epoch": float(s), "split": "train", "loss": 1.0 / (s + 1),
-                                                 "accuracy": 0.5, "status": "ok"} for s in steps]))
+    write("eos-lr0.1", "metrics", pd.DataFrame(
+        [{"step": s, "epoch": float(s), "split": "train", "loss": 1.0 / (s + 1), "accuracy": 0.5, "status": "ok"}
+         for s in steps]
+        + [{"step": s, "epoch": float(s), "split": "batch", "loss": (1.0 + 0.1 * (s % 2)) / (s + 1), "accuracy": 0.5,
+            "status": "ok"} for s in range(90)]))
     meta["adam-lr0.001"] = {"study": "adam", "lr": 0.001, "batch_size": "full", "optimizer": "adam", "seed": 0,
                             "loss": "mse"}
     write("adam-lr0.001", "spectrum", spectrum([5.0] * 10))

@@ -2,8 +2,9 @@
 
 Left: η·λ_1/2 against step, one colour per run (by η when η varies), with the stability line
 η·λ_1/2 = 1 (λ_1 = 2/η) dotted; a tick on the right edge marks each run's median over the second
-half of training (the statistic of the ``eos`` column of the ``edge`` table). Right: the training
-loss on a log scale — at the edge it keeps falling over long spans while rising over short ones.
+half of training (the ``eta_lambda`` column of the ``edge`` table). Right: the training loss at
+every step (a full-batch run's per-step rows) on a log scale — at the edge it keeps falling over
+long spans while rising over short ones.
 Full-batch runs are drawn (``batch_size == "full"``); if the spec has none, all runs are. An
 unconverged pair is ringed; a diverged run ends with a ×.
 
@@ -51,7 +52,9 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
                 lf = last_finite(x, y, before=div[0])
                 style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
         met = data.rows("metrics", run)
-        tr = met[met["split"] == "train"].sort_values("step") if len(met) else met
+        # every step's loss: a full-batch run's "batch" rows are its whole training loss before each step
+        split = "batch" if full and len(met) and (met["split"] == "batch").any() else "train"
+        tr = met[met["split"] == split].sort_values("step") if len(met) else met
         if len(tr):
             x, y = tr["step"].to_numpy(float), tr["loss"].to_numpy(float)
             ok = np.isfinite(y) & (y > 0)
