@@ -741,6 +741,13 @@ class TrainView:
         """Updates per epoch, as :func:`sharpflow.config.steps_per_epoch` counts them."""
         return max(1, -(-self.n // self.batch_size))
 
+    def random_batches(self, count: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+        """``count`` mini-batches of the run's size, each drawn without replacement (one
+        ``randperm`` of the examples per batch, from ``generator``)."""
+        idx = torch.stack([torch.randperm(self.n, generator=generator)[: self.batch_size] for _ in range(count)])
+        idx = idx.to(self.x.device)
+        return [(self.x[i], self.y[i]) for i in idx]
+
 
 def train_view(run: RunConfig, data: Dataset) -> TrainView:
     """The examples ``run`` trains on (``train_subset`` keeps the first n) and its batch size."""

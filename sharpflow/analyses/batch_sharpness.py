@@ -86,11 +86,7 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
     values: list[float] = []
     if status != "diverged" and finite(model):
         model.eval()
-        gen = torch.Generator().manual_seed(mix_seed(ctx.step, 7))
-        batches = []
-        for _ in range(nb):
-            idx = torch.randperm(view.n, generator=gen)[:bsz].to(view.x.device)
-            batches.append((view.x[idx], view.y[idx]))
+        batches = view.random_batches(nb, torch.Generator().manual_seed(mix_seed(ctx.step, 7)))
         values = batch_sharpness(model, ctx.loss_fn, batches, ctx.run.optimizer.weight_decay)
     else:
         status = "diverged"
@@ -104,7 +100,7 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
         "batches": len(ok), "batch_size": bsz, "lr": lr, "threshold": 2.0 / lr, "ratio": lr * mean / 2,
         "lambda1": lam1, "lambda1_ratio": lr * lam1 / 2,
     }])
-    add_ident(df, {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": status})
+    add_ident(df, {**ctx.ident, "status": status})
     spread = f"± {se:.2g} over {len(ok)} batches" if math.isfinite(se) else f"over {len(ok)} batch(es)"
     edge = f"η·BS/2 = {lr * mean / 2:.2f}" + (f"; η·λ1/2 = {lr * lam1 / 2:.2f}" if math.isfinite(lam1) else "")
     ctx.log(f"[{ctx.run_name}] step {ctx.step}: batch sharpness {mean:.4g} {spread} ({edge})")

@@ -66,6 +66,21 @@ class CheckpointContext:
         return float(self.checkpoint["lr"])
 
     @property
+    def ident(self) -> dict[str, Any]:
+        """The identifying columns of the checkpoint's table rows (:func:`add_ident`)."""
+        return {"run": self.run_name, "step": self.step, "epoch": self.epoch, "status": self.status}
+
+    def hessian(self, model: nn.Module, n: int | None = None) -> Any:
+        """The Hessian operator of the run's loss (weight decay included) at ``model`` over the first
+        ``n`` examples of the Hessian subset (None: all of it)."""
+        from ..data import hessian_batches
+        from ..hessian import HessianOperator
+
+        n = n or len(self.data.hessian_idx)
+        return HessianOperator(model, self.loss_fn, hessian_batches(self.data, n),
+                               weight_decay=self.run.optimizer.weight_decay)
+
+    @property
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The run's training loss (``loss``), the one its Hessians are taken of."""
         from ..models import loss_for

@@ -43,21 +43,18 @@ class DensityConfig(Strict):
 def compute(ctx: CheckpointContext, cfg: DensityConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
-    from ..data import hessian_batches
-    from ..hessian import HessianOperator
     from ..hessian.density import spectral_density
     from .context import add_ident, finite
 
     model = ctx.model()
-    loss_fn = ctx.loss_fn
     n = cfg.n or len(ctx.data.hessian_idx)
-    ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
+    ident = ctx.ident
     if ctx.status == "diverged" or not finite(model):
         df = pd.DataFrame({"probe": [0], "node": [math.nan], "weight": [math.nan], "steps": [0], "matvecs": [0],
                            "seconds": [0.0], "n": [n]})
         add_ident(df, {**ident, "status": "diverged"})
         return {"density": df}
-    op = HessianOperator(model, loss_fn, hessian_batches(ctx.data, n), weight_decay=ctx.run.optimizer.weight_decay)
+    op = ctx.hessian(model, n)
     sd = spectral_density(op, num_probes=cfg.probes, lanczos_steps=cfg.steps, seed=cfg.seed * 1_000_003 + ctx.step)
     p, m = sd.nodes.shape
     df = pd.DataFrame({

@@ -64,7 +64,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
     model = ctx.model()
     loss_fn = ctx.loss_fn
     n = cfg.n or len(ctx.data.hessian_idx)
-    ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
+    ident = ctx.ident
     if ctx.status == "diverged" or not finite(model):
         df = pd.DataFrame([{"matrix": "ggn", "rank": r + 1, "eigenvalue": math.nan, "residual": math.nan,
                             "rel_residual": math.nan, "converged": False, "matvecs": 0, "seconds": 0.0,

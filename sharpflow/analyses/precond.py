@@ -48,9 +48,8 @@ def adam_threshold(lr: float, beta1: float) -> float:
 def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
-    from ..data import hessian_batches
     from ..errors import SharpflowError
-    from ..hessian import HessianOperator, top_eigenpairs
+    from ..hessian import top_eigenpairs
     from ..hessian.ggn import ScaledOperator
     from .context import add_ident, finite
 
@@ -60,9 +59,8 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
                              f"this one uses {opt.name!r} (switch precond off for its study)")
     beta1, lr = float(opt.betas[0]), ctx.lr
     base = {"threshold": adam_threshold(lr, beta1), "lr": lr, "beta1": beta1}
-    ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
+    ident = ctx.ident
     model = ctx.model()
-    loss_fn = ctx.loss_fn
     pre = ctx.checkpoint.get("precond")
     if pre is None or ctx.status == "diverged" or not finite(model):
         nan = math.nan
@@ -72,7 +70,7 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
         add_ident(df, ident if pre is None else {**ident, "status": "diverged"})
         return {"precond": df}
     n = cfg.n or len(ctx.data.hessian_idx)
-    h = HessianOperator(model, loss_fn, hessian_batches(ctx.data, n), weight_decay=opt.weight_decay)
+    h = ctx.hessian(model, n)
     op = ScaledOperator(h, pre.double().rsqrt().to(h.dtype))
     t0 = time.perf_counter()
     res = top_eigenpairs(op, k=cfg.k, tol=cfg.tol, seed=ctx.step)

@@ -90,25 +90,21 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     lr = ctx.lr
     lr_e = ctx.direction_lrs(k)
     view = ctx.view
-    x, y, n_train, bs = view.x, view.y, view.n, view.batch_size
+    x, y, n_train = view.x, view.y, view.n
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-
-    def sample_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        idx = torch.stack([torch.randperm(n_train, generator=gen)[:bs] for _ in range(count)]).to(device)
-        return [(x[i], y[i]) for i in idx]
 
     subset_idx = torch.randperm(n_train, generator=gen)[: min(cfg.subset, n_train)].to(device)
     subset = A.batches_of(x[subset_idx], y[subset_idx], 1000)
     t0 = time.perf_counter()
 
-    grads_align = A.batch_gradients(model, loss_fn, theta, sample_batches(cfg.alignment_batches))
+    grads_align = A.batch_gradients(model, loss_fn, theta, view.random_batches(cfg.alignment_batches, gen))
     full = A.full_gradient(model, loss_fn, theta, A.batches_of(x, y, 1000))
     align = A.alignment(grads_align, E, full, n_random=cfg.random_directions, generator=cfg.seed + step)
     align["dim"] = dim
     align["random_baseline"] = A.random_cos_baseline(dim)
 
     grads = grads_align[: cfg.grad_batches] if cfg.grad_batches <= len(grads_align) else A.batch_gradients(
-        model, loss_fn, theta, sample_batches(cfg.grad_batches))
+        model, loss_fn, theta, view.random_batches(cfg.grad_batches, gen))
     dirs: dict[str, torch.Tensor] = {f"e{i}": E[i - 1] for i in cfg.cross_directions if i <= k}
     rnd = torch.randn(dim, generator=gen).to(device=device, dtype=theta.dtype)
     dirs["rand"] = rnd / rnd.norm()

@@ -67,8 +67,6 @@ def subspace_overlaps(a: Tensor, b: Tensor) -> list[float]:
 def compute(ctx: CheckpointContext, cfg: SubspaceConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
-    from ..data import hessian_batches
-    from ..hessian import HessianOperator
     from .context import add_ident, finite
 
     if ctx.eigvecs is None:
@@ -77,7 +75,7 @@ def compute(ctx: CheckpointContext, cfg: SubspaceConfig) -> dict[str, pd.DataFra
         raise SharpflowError(f"{ctx.run_name} step {ctx.step}: the subspace analysis needs the spectrum's eigenvectors")
     vecs = ctx.eigvecs["eigenvectors"]
     vals = ctx.eigvecs["eigenvalues"]
-    ident = {"run": ctx.run_name, "step": ctx.step, "epoch": ctx.epoch, "status": ctx.status}
+    ident = ctx.ident
     model = ctx.model()
     prev = ctx.previous_eigvecs
     prev_vecs = prev["eigenvectors"] if prev is not None and len(prev["eigenvectors"]) else None
@@ -87,10 +85,7 @@ def compute(ctx: CheckpointContext, cfg: SubspaceConfig) -> dict[str, pd.DataFra
                             "eigenvalue": math.nan, "grad_norm": math.nan} for i in range(k)])
         add_ident(df, {**ident, "status": "diverged"})
         return {"subspace": df}
-    n = cfg.n or len(ctx.data.hessian_idx)
-    op = HessianOperator(model, ctx.loss_fn, hessian_batches(ctx.data, n),
-                         weight_decay=ctx.run.optimizer.weight_decay)
-    grad = op.gradient()
+    grad = ctx.hessian(model, cfg.n).gradient()
     fractions = gradient_fractions(vecs, grad)
     overlaps = subspace_overlaps(vecs, prev_vecs) if prev_vecs is not None else []
     rows = [{"k": i + 1, "fraction": fractions[i], "overlap": overlaps[i] if i < len(overlaps) else math.nan,
