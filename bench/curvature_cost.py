@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from sharpflow.config import expand_runs, load_config
 from sharpflow.data import hessian_batches, load_prepared, prepare
 from sharpflow.hessian import HessianOperator, top_eigenpairs
 from sharpflow.hessian.density import spectral_density
 from sharpflow.hessian.ggn import GGNOperator, SumOperator
 from sharpflow.models import loss_fn
+from sharpflow.study import expand_runs, load_config
 from sharpflow.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -109,15 +109,9 @@ def spectrum(data_dir: Path, device: torch.device, quick: bool) -> None:
 def slowest_analysis(tmp: Path, device: torch.device) -> None:
     from sharpflow.analyses import REGISTRY
     from sharpflow.analyses.stage import Planned, run_chain
-    from sharpflow.config import (
-        analysis_config,
-        checkpoint_steps,
-        expand_runs,
-        parse_config,
-        read_yaml,
-        spectrum_config,
-    )
+    from sharpflow.config import checkpoint_steps
     from sharpflow.data import prepare
+    from sharpflow.study import analysis_config, expand_runs, parse_config, read_yaml, spectrum_config
     from sharpflow.train import train
 
     cfg = parse_config(read_yaml(REPO / "config" / "config.yaml"))

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from sharpflow.analyses.stage import analysis_stage, spectrum_stage
-from sharpflow.config import expand_runs, load_config, project_config, spectrum_config
 from sharpflow.data import prepare
+from sharpflow.study import analysis_config, expand_runs, load_config, spectrum_config
 from sharpflow.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def main() -> None:
     if a.quick:
         run = run.model_copy(update={"steps": 600})
     ds = cfg.datasets[run.dataset]
-    spec, proj = spectrum_config(cfg, a.run), project_config(cfg, a.run)
+    spec, proj = spectrum_config(cfg, a.run), analysis_config(cfg, "project", a.run)
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -20,17 +20,10 @@ from pathlib import Path
 
 import torch
 
-from sharpflow.config import (
-    analysis_config,
-    checkpoint_steps,
-    expand_runs,
-    load_config,
-    spectrum_config,
-    study_of,
-    total_steps,
-)
+from sharpflow.config import checkpoint_steps, study_of, total_steps
 from sharpflow.models import build_model
 from sharpflow.params import num_params as num_parameters
+from sharpflow.study import analysis_config, expand_runs, load_config, spectrum_config
 
 SHAPES = {  # (input shape, classes) per dataset source
     "mnist1d": ((40,), 10),

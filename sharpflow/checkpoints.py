@@ -30,6 +30,7 @@ from torch import nn
 from .config import BEST_NAME, FORMAT_VERSION, RunConfig
 from .errors import SharpflowError
 from .io import load_torch, publish, write_bytes
+from .models import build_model
 
 CKPT_KEYS = ("model", "step", "epoch", "status", "run", "format", "lr")
 
@@ -45,8 +46,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def restore_model(ckpt: dict[str, Any], run: RunConfig, data: Any, path: str | Path) -> nn.Module:
     """Build the run's model and load the checkpoint's weights into it."""
-    from .models import build_model
-
     torch.manual_seed(0)
     model = build_model(run.model, tuple(data.input_shape), data.num_classes)
     try:

@@ -19,16 +19,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .config import (
-    DatasetConfig,
-    RunConfig,
-    SpectrumConfig,
-    expand_runs,
-    format_errors,
-    json_schema,
-    load_config,
-)
+from . import figures, tables
+from .analyses import REGISTRY
+from .config import DatasetConfig, RunConfig, SpectrumConfig, checkpoint_steps, format_errors
 from .errors import SharpflowError
+from .study import claim_plan, claim_tables, claims_spec, expand_runs, json_schema, load_config
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -123,8 +118,6 @@ def _parse_plan(text: str) -> dict[str, Any]:
 
 
 def _plan_from(raw: Any, flag: str) -> dict[str, Any]:
-    from .analyses import REGISTRY
-
     if not isinstance(raw, dict):
         raise argparse.ArgumentTypeError(f"{flag}: expected a JSON object {{name: {{config, steps}}}}")
     plan = {}
@@ -173,7 +166,6 @@ def _parse_runs(text: str) -> list[dict[str, Any]]:
 
 def _planned(plan: dict[str, Any]) -> list[Any]:
     """A parsed --analyses plan as the ``Planned`` entries ``run_chain`` takes."""
-    from .analyses import REGISTRY
     from .analyses.stage import Planned
 
     return [Planned(REGISTRY[name], cfg, set(steps)) for name, (cfg, steps) in plan.items()]
@@ -256,8 +248,6 @@ def cmd_claims(a: argparse.Namespace) -> None:
 
 def _claims_from_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """The claims spec of a config file, and those of its runs' tables that exist under its results."""
-    from .claims import claim_plan, claim_tables, claims_spec
-    from .config import expand_runs, load_config
 
     cfg = load_config(path)
     runs = expand_runs(cfg)
@@ -268,18 +258,16 @@ def _claims_from_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
 
 
 def cmd_figure(a: argparse.Namespace) -> None:
-    from .figures import draw, style  # noqa: F401  (style: matplotlib, imported before the clock starts)
+    from .figures import style  # noqa: F401  (matplotlib, imported before the clock starts)
 
     t0 = time.perf_counter()
-    draw(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_pdf=a.out_pdf, out_png=a.out_png)
+    figures.draw(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_pdf=a.out_pdf, out_png=a.out_png)
     _write_timing(a.timing, time.perf_counter() - t0)
 
 
 def cmd_table(a: argparse.Namespace) -> None:
-    from .tables import make_table
-
     t0 = time.perf_counter()
-    make_table(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_md=a.out_md, out_tex=a.out_tex,
+    tables.make_table(a.name, spec=json.loads(a.spec), inputs=a.inputs, out_md=a.out_md, out_tex=a.out_tex,
                out_csv=a.out_csv)
     _write_timing(a.timing, time.perf_counter() - t0)
 
@@ -291,7 +279,6 @@ def cmd_cost(a: argparse.Namespace) -> None:
 
 
 def cmd_check(a: argparse.Namespace) -> None:
-    from .config import checkpoint_steps
 
     cfg = load_config(a.configfile)
     runs = expand_runs(cfg)
@@ -353,8 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.set_defaults(func=cmd_spectrum)
 
-    from .analyses import REGISTRY
-
     for name, analysis in REGISTRY.items():
         sp = sub.add_parser(name, help=f"{analysis.summary} (one checkpoint)")
         common(sp)
@@ -406,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_aggregate)
 
     sp = sub.add_parser("figure", help="draw one figure (PDF + PNG)")
-    sp.add_argument("name")
+    sp.add_argument("name", help=f"the figure kind ({', '.join(figures.KINDS)}), or a figure's name when the spec "
+                    "names its kind")
     sp.add_argument("--spec", required=True, help="figure spec as JSON (studies, runs, style)")
     sp.add_argument("--out-pdf", required=True, type=Path)
     sp.add_argument("--out-png", required=True, type=Path)
@@ -415,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_figure)
 
     sp = sub.add_parser("table", help="make one table (Markdown + LaTeX + CSV)")
-    sp.add_argument("name")
-    sp.add_argument("--spec", required=True)
+    sp.add_argument("name", help=f"the table kind ({', '.join(tables.KINDS)}), or a table's name when the spec "
+                    "names its kind")
+    sp.add_argument("--spec", required=True, help="table spec as JSON (studies, runs, style)")
     sp.add_argument("--out-md", required=True, type=Path)
     sp.add_argument("--out-tex", required=True, type=Path)
     sp.add_argument("--out-csv", required=True, type=Path)

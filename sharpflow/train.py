@@ -51,8 +51,10 @@ from .checkpoints import CheckpointWriter
 from .config import FORMAT_VERSION, DatasetConfig, RunConfig, checkpoint_steps, steps_per_epoch, total_steps
 from .data import Dataset, TrainView, augment, hessian_batches, load_prepared, train_view
 from .errors import SharpflowError
+from .hessian import HessianOperator, top_eigenpairs
 from .io import write_parquet
 from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn, loss_for
+from .nsgd import NudgedSGD
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
 #: step, every step) or "train"/"valid"/"test" (full evaluations at checkpoints; "valid" also at
@@ -154,8 +156,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
 def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     opt = run.optimizer
     if opt.name == "nsgd":
-        from .nsgd import NudgedSGD
-
         assert opt.nsgd is not None
         return NudgedSGD(
             model.parameters(), lr=opt.lr, gamma=opt.nsgd.gamma, k=opt.nsgd.k,
@@ -190,8 +190,6 @@ def adam_preconditioner(model: nn.Module, opt: torch.optim.Optimizer) -> Tensor 
 
 def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset, gen_seed: int) -> tuple[float, int]:
     """Recompute NSGD's top-k subspace (warm-started); return (seconds, matvecs)."""
-    from .hessian import HessianOperator, top_eigenpairs
-
     ns = run.optimizer.nsgd
     assert ns is not None
     t0 = time.perf_counter()

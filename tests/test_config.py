@@ -9,20 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sharpflow.config import (
-    ConfigError,
-    DatasetConfig,
-    RunConfig,
-    checkpoint_steps,
-    expand_runs,
-    json_schema,
-    load_config,
-    parse_config,
-    run_id,
-    spectrum_config,
-    steps_per_epoch,
-    total_steps,
-)
+from sharpflow.config import DatasetConfig, RunConfig, checkpoint_steps, run_id, steps_per_epoch, total_steps
+from sharpflow.errors import ConfigError
+from sharpflow.study import expand_runs, json_schema, load_config, parse_config, spectrum_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sharpflow.analyses.project import ProjectConfig
 from sharpflow.analyses.stage import analysis_stage, spectrum_stage
 from sharpflow.cli import main
-from sharpflow.config import ConfigError, ProjectConfig, SpectrumConfig, dump_json, parse_config
+from sharpflow.config import SpectrumConfig, dump_json
+from sharpflow.errors import ConfigError
+from sharpflow.study import parse_config
 from sharpflow.train import train
 
 from .conftest import tiny_run
@@ -311,7 +314,7 @@ def test_fuzzed_study_names_never_escape_results(name):
         cfg = parse_config(raw, "fuzz.yaml")
     except ConfigError:
         return
-    from sharpflow.config import expand_runs
+    from sharpflow.study import expand_runs
 
     for run in expand_runs(cfg):
         assert "/" not in run and ".." not in run and run.isascii()

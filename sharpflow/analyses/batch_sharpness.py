@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, strided
+from .base import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -110,7 +110,6 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
 ANALYSIS = Analysis(
     name="batch_sharpness",
     config=BatchSharpnessConfig,
-    tables=("batch_sharpness",),
     compute=compute,
     select=strided,
     format_version=1,

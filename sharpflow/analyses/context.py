@@ -13,9 +13,11 @@ from torch import nn
 
 from ..checkpoints import load_checkpoint, restore_model
 from ..config import RunConfig
-from ..data import Dataset, TrainView, train_view
+from ..data import Dataset, TrainView, hessian_batches, train_view
 from ..errors import SharpflowError
+from ..hessian import HessianOperator
 from ..io import load_torch
+from ..models import loss_for
 
 #: keys of an eigenvector file (``eigvecs/step*.pt``), written by :mod:`.spectrum`.
 EIGVEC_KEYS = ("eigenvalues", "eigenvectors", "residuals", "step", "run", "status", "format")
@@ -73,9 +75,6 @@ class CheckpointContext:
     def hessian(self, model: nn.Module, n: int | None = None) -> Any:
         """The Hessian operator of the run's loss (weight decay included) at ``model`` over the first
         ``n`` examples of the Hessian subset (None: all of it)."""
-        from ..data import hessian_batches
-        from ..hessian import HessianOperator
-
         n = n or len(self.data.hessian_idx)
         return HessianOperator(model, self.loss_fn, hessian_batches(self.data, n),
                                weight_decay=self.run.optimizer.weight_decay)
@@ -83,8 +82,6 @@ class CheckpointContext:
     @property
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The run's training loss (``loss``), the one its Hessians are taken of."""
-        from ..models import loss_for
-
         return loss_for(self.run.loss)
 
     @property

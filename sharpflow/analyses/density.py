@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, strided
+from .base import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,7 +75,6 @@ def compute(ctx: CheckpointContext, cfg: DensityConfig) -> dict[str, pd.DataFram
 ANALYSIS = Analysis(
     name="density",
     config=DensityConfig,
-    tables=("density",),
     compute=compute,
     select=strided,
     format_version=1,

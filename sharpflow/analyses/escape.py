@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis
+from .base import Analysis
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,7 +140,6 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
 ANALYSIS = Analysis(
     name="escape",
     config=EscapeConfig,
-    tables=("escape",),
     compute=compute,
     select=select,
     check=check,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, strided
+from .base import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,7 +109,6 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
 ANALYSIS = Analysis(
     name="ggn",
     config=GGNConfig,
-    tables=("ggn",),
     compute=compute,
     select=strided,
     format_version=1,

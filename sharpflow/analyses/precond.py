@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, strided
+from ..errors import SharpflowError
+from .base import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +49,6 @@ def adam_threshold(lr: float, beta1: float) -> float:
 def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
-    from ..errors import SharpflowError
     from ..hessian import top_eigenpairs
     from ..hessian.ggn import ScaledOperator
     from .context import add_ident, finite
@@ -88,7 +88,6 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
 ANALYSIS = Analysis(
     name="precond",
     config=PrecondConfig,
-    tables=("precond",),
     compute=compute,
     select=strided,
     format_version=1,

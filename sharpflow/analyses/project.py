@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, every_checkpoint
+from .base import Analysis, every_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -30,6 +30,10 @@ import pandas as pd
 import torch
 
 from ..config import FORMAT_VERSION, SpectrumConfig
+from ..data import augment, hessian_batches
+from ..hessian import HessianOperator, frobenius_norm, top_eigenpairs, trace
+from ..params import num_params
+from ..train import mix_seed
 from .context import CheckpointContext, finite
 
 
@@ -54,9 +58,6 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 def augment_batches(batches: Batches, step: int) -> Batches:
     """One augmented copy of the Hessian subset's images (training's shifts and flips), drawn from a
     generator seeded by the checkpoint's step: the same images for every product of the checkpoint."""
-    from ..data import augment
-    from ..train import mix_seed
-
     out = []
     for i, (x, y) in enumerate(batches):
         gen = torch.Generator(device=x.device).manual_seed(mix_seed(step, i, 6))
@@ -89,9 +90,6 @@ def compute(
 
     ``previous``: the eigenvector file of the checkpoint before it in its warm-start chain.
     """
-    from ..data import hessian_batches
-    from ..hessian import HessianOperator, frobenius_norm, top_eigenpairs, trace
-    from ..params import num_params
 
     model = ctx.model()
     loss_fn = ctx.loss_fn

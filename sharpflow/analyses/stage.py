@@ -32,10 +32,13 @@ import torch
 from pydantic import BaseModel
 
 from ..config import FORMAT_VERSION, RunConfig, SpectrumConfig, dump_json
+from ..data import load_prepared
 from ..errors import SharpflowError
 from ..io import load_torch, publish, save_torch, sha256_file, write_parquet, write_text
-from . import REGISTRY, Analysis
+from ..results import aggregate as concat
+from . import REGISTRY
 from . import spectrum as spectrum_mod
+from .base import Analysis
 from .context import EIGVEC_KEYS, CheckpointContext, open_checkpoint
 
 Log = Callable[[str], None]
@@ -123,8 +126,6 @@ def run_chain(
     ``spectrum_paths(results, run, None)`` and, aggregated, ``runs/{run}/spectrum_best.parquet``.
     Outputs go to the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
     """
-    from ..data import load_prepared
-    from ..results import aggregate as concat
 
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
@@ -238,8 +239,6 @@ def spectrum_stage(
 ) -> pd.DataFrame:
     """The spectrum of one checkpoint (``sharpflow spectrum``), warm-started from ``previous``
     (an eigenvector file) when it exists."""
-    from ..data import load_prepared
-
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
     ctx = open_checkpoint(run, run_name, data, checkpoint, device, log=log)
@@ -267,7 +266,6 @@ def analysis_stage(
 ) -> dict[str, pd.DataFrame]:
     """One registered analysis of one checkpoint (``sharpflow <name>``): its tables go to
     ``{out_dir}/step*.parquet`` (one table) or ``{out_dir}/{kind}/step*.parquet``."""
-    from ..data import load_prepared
 
     a = REGISTRY[name]
     device = torch.device(device)

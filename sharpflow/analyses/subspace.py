@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from pydantic import Field, PositiveInt
 
 from ..configbase import Strict
-from . import Analysis, strided
+from ..errors import SharpflowError
+from .base import Analysis, strided
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,8 +71,6 @@ def compute(ctx: CheckpointContext, cfg: SubspaceConfig) -> dict[str, pd.DataFra
     from .context import add_ident, finite
 
     if ctx.eigvecs is None:
-        from ..errors import SharpflowError
-
         raise SharpflowError(f"{ctx.run_name} step {ctx.step}: the subspace analysis needs the spectrum's eigenvectors")
     vecs = ctx.eigvecs["eigenvectors"]
     vals = ctx.eigvecs["eigenvalues"]
@@ -103,7 +102,6 @@ def compute(ctx: CheckpointContext, cfg: SubspaceConfig) -> dict[str, pd.DataFra
 ANALYSIS = Analysis(
     name="subspace",
     config=SubspaceConfig,
-    tables=("subspace",),
     compute=compute,
     select=strided,
     format_version=1,

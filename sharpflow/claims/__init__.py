@@ -17,10 +17,8 @@ Light: no pandas or torch here (the Snakefile imports it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
@@ -124,47 +122,6 @@ CLAIMS: tuple[Claim, ...] = (
 READS: tuple[str, ...] = tuple(dict.fromkeys(t for c in CLAIMS for t in c.reads))
 
 
-def claim_plan(cfg: Any, runs: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
-    """Per claim number: the runs it is tested on (those of the studies of every figure and table of
-    its kind) and the names of those figures and tables. ``cfg``: the parsed config; ``runs``: its
-    expanded runs (:func:`sharpflow.config.expand_runs`)."""
-    from ..config import study_of
-
-    plan = {}
-    for claim in CLAIMS:
-        studies: list[str] = []
-        items: list[str] = []
-        for section in ("figures", "tables"):
-            for name, item in getattr(cfg, section).items():
-                if item.kind == claim.kind:
-                    items.append(f"{section}/{name}")
-                    studies += [s for s in item.studies if s not in studies]
-        plan[str(claim.number)] = {"runs": [r for r in runs if study_of(r) in studies], "figures": items}
-    return plan
-
-
-def claims_spec(cfg: Any, runs: dict[str, Any], plan: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
-    """What the claims stage takes besides the tables: the thresholds, the plan and each planned run's
-    settings (:func:`sharpflow.config.presentation_runs`)."""
-    from ..config import presentation_runs
-
-    names = sorted({r for entry in plan.values() for r in entry["runs"]})
-    return {"config": cfg.claims.model_dump(mode="json"), "claims": plan, "runs": presentation_runs(cfg, runs, names)}
-
-
-def claim_tables(plan: dict[str, dict[str, list[str]]], results: str, has: Callable[[str, str], bool]) -> list[str]:
-    """The tables ``{results}/runs/{run}/{kind}.parquet`` the claims read, of the runs ``plan`` tests
-    them on, where ``has(run, kind)`` (the run has that table); in claim order, no repeats."""
-    paths: list[str] = []
-    for claim in CLAIMS:
-        for run in plan[str(claim.number)]["runs"]:
-            for kind in claim.reads:
-                path = f"{results}/runs/{run}/{kind}.parquet"
-                if has(run, kind) and path not in paths:
-                    paths.append(path)
-    return paths
-
-
 def code_files() -> list[Path]:
     """The source files whose edits should re-evaluate the claims (absolute)."""
     here = Path(__file__).resolve().parent
@@ -172,4 +129,4 @@ def code_files() -> list[Path]:
             here.parent / "tables" / "_common.py", here.parent / "tables" / "nsgd.py"]
 
 
-__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "claim_plan", "claim_tables", "claims_spec", "code_files"]
+__all__ = ["CLAIMS", "READS", "Claim", "ClaimsConfig", "code_files"]

@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..results import Data, adaptive, lambda_max_rows, load, second_half_median
 from ..tables._common import Column, Table, mean_std, write
+from ..tables.nsgd import run_summary
 from . import CLAIMS, READS, Claim, ClaimsConfig
 
 HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
@@ -345,7 +346,6 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def _versus_gamma_one(data: Data, runs: Sequence[str], cfg: ClaimsConfig, key: str, what: str,
                       ok: Callable[[float, float, float], bool], only_below_one: bool = False) -> Outcome:
-    from ..tables.nsgd import run_summary
 
     nsgd = [r for r in runs if data.value(r, "gamma") is not None and data.value(r, "optimizer") in (None, "nsgd")]
     if not nsgd:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..io import atomic_path
-from ..results import sort_value
+from ..results import sort_value, varying
 
 SINGLE = 3.4  # inches, one column
 DOUBLE = 7.0  # inches, full width
@@ -219,8 +219,6 @@ def run_colours(
     runs), the runs get distinct qualitative colours instead. Returns (the colouring key or
     None, run -> colour).
     """
-    from ..results import varying
-
     keys = [k for k in varying(data, runs, prefer) if k in prefer]
     if not keys or len([k for k in keys if k != "seed"]) > 1:
         cols = palette("run", list(runs))
@@ -237,7 +235,6 @@ def suptitle(fig: Figure, data: Any, runs: Sequence[str], opts: dict[str, Any], 
         if opts["title"]:
             fig.suptitle(str(opts["title"]))
         return
-    from ..results import varying
 
     studies = list(dict.fromkeys(data.study(r) for r in runs))  # in the spec's order
     fixed = [k for k in ("lr", "batch_size", "momentum") if k not in varying(data, runs, (k,))]

@@ -7,22 +7,21 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
-from sharpflow.claims import claim_plan, claim_tables, claims_spec, code_files as claims_code_files
-from sharpflow.config import (
-    BEST_NAME,
+from sharpflow.claims import code_files as claims_code_files
+from sharpflow.config import BEST_NAME, checkpoint_steps, dump_json, steps_per_epoch, study_of
+from sharpflow.errors import ConfigError
+from sharpflow.study import (
     FORMAT_VERSION,
-    ConfigError,
     analysis_config,
-    checkpoint_steps,
-    dump_json,
+    claim_plan,
+    claim_tables,
+    claims_spec,
     expand_runs,
     merge_config,
     parse_config,
     presentation_runs,
     read_yaml,
     spectrum_config,
-    steps_per_epoch,
-    study_of,
 )
 import json
 
