@@ -48,7 +48,7 @@ ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
 BEST_NAME = "best.pt"
 
 #: Names of the built-in models (sharpflow.models.REGISTRY; a test keeps the two equal).
-MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm")
+MODEL_NAMES = ("mlp", "cnn1d", "simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn", "lstm_lm", "gpt")
 
 RUN_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,200}$")
 
@@ -153,15 +153,32 @@ class ModelConfig(Strict):
 
 # ------------------------------------------------------------------------------------ optimiser
 class ScheduleConfig(Strict):
-    """Learning-rate schedule. ``plateau`` with early stopping is the paper's long NSGD protocol."""
+    """Learning-rate schedule. ``plateau`` with early stopping is the paper's long NSGD protocol;
+    ``warmup_cosine`` and ``warmup_constant`` are the transformer recipe: η rises linearly over
+    ``warmup_steps`` updates from ``warmup_start``·η to η, then decays along a half cosine to
+    ``final_factor``·η at the run's last step, or stays at η."""
 
-    kind: Literal["constant", "step", "plateau"] = "constant"
+    omit_at_default = ("warmup_steps", "warmup_start", "final_factor")
+
+    kind: Literal["constant", "step", "plateau", "warmup_cosine", "warmup_constant"] = "constant"
     milestones: list[PositiveFloat] = Field(default_factory=list, description="step: epochs where lr *= factor.")
     factor: float = Field(0.1, gt=0, le=1, description="Multiplier at a milestone or a plateau.")
     patience: PositiveInt = Field(100, description="plateau: epochs without val-loss improvement.")
     early_stop: PositiveInt | None = Field(
         None, description="Stop after this many epochs without val-accuracy improvement (None: never)."
     )
+    warmup_steps: NonNegativeInt = Field(0, description="warmup_*: updates of the linear warmup (W ≥ 1).")
+    warmup_start: float = Field(0.01, gt=0, le=1, description="warmup_*: the first update's η, as a fraction of η.")
+    final_factor: float = Field(0.0, ge=0, le=1, description="warmup_cosine: the decay's floor, as a fraction of η.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        warmup = self.kind.startswith("warmup")
+        if warmup and self.warmup_steps < 1:
+            raise ValueError(f"kind {self.kind} needs warmup_steps ≥ 1")
+        if not warmup and self.warmup_steps:
+            raise ValueError(f"warmup_steps is for the warmup_cosine and warmup_constant kinds, not {self.kind}")
+        return self
 
 
 class NSGDConfig(Strict):

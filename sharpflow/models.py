@@ -1,7 +1,7 @@
 """The model zoo: the paper's networks, small models for the offline default, and user models.
 
 Every builder takes ``input_shape`` (the shape of ONE example: ``(C, H, W)`` for images,
-``(L,)`` for MNIST-1D vectors, ``(T,)`` token ids for a language model), ``num_classes`` (the
+``(L,)`` for MNIST-1D vectors, ``(T,)`` token ids for a language model: ``lstm_lm``, ``gpt``), ``num_classes`` (the
 vocabulary size for a language model) and its own keyword arguments (``ModelConfig.kwargs``).
 Models return logits: ``(B, num_classes)``, or ``(B, T, V)`` for the language model.
 
@@ -404,6 +404,105 @@ def lstm_lm(input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> LSTM
     return LSTMLanguageModel(input_shape, num_classes, **kwargs)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, computed on the math path (``softmax(QKᵀ/√d_h)·V`` with
+    plain matmuls): PyTorch's fused and flash kernels have no double backward and no forward-mode
+    rule, so exact Hessian-vector products through them would fail."""
+
+    def __init__(self, width: int, heads: int, context: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+        mask = torch.ones(context, context, dtype=torch.bool).triu(1)  # True above the diagonal: the future
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
+        att = self.drop(torch.softmax(att.masked_fill(self.mask[:t, :t], float("-inf")), dim=-1))
+        return self.drop(self.proj((att @ v).transpose(1, 2).reshape(b, t, d)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP of 4× width."""
+
+    def __init__(self, width: int, heads: int, context: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, context, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model (GPT-2's layout, small): token and learned position
+    embeddings, ``layers`` pre-LN blocks of causal multi-head self-attention and a GELU MLP, a final
+    LayerNorm, and the output layer tied to the token embedding (logits = h·Eᵀ, no bias).
+
+    Examples are token windows of shape (T,), T ≤ ``context`` (default: the dataset's T); the
+    output is next-token logits (B, T, V). Parameters, for vocabulary V, width d, context C and L
+    layers: V·d + C·d + L·(12d² + 13d) + 2d. Initialisation as GPT-2: weights and embeddings
+    normal(0, 0.02), the residual projections' weights normal(0, 0.02/√(2L)), biases zero,
+    LayerNorms one and zero. Dropout (after attention weights, on both residual branches and after
+    the embeddings) is active in training mode only; Hessians are taken in eval mode, as for every
+    model (``spectrum.eval_mode``), so it is off there.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        layers: int = 2,
+        width: int = 64,
+        heads: int = 4,
+        context: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 1:
+            raise ValueError(f"gpt needs examples of shape (T,) (token ids), got {shape}")
+        context = shape[0] if context is None else int(context)
+        if context < shape[0]:
+            raise ValueError(f"context {context} is shorter than the examples' {shape[0]} tokens")
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embedding = nn.Embedding(num_classes, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, context, dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2 and "ln" not in name:
+                residual = name.endswith(("attn.proj.weight", "out.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers) if residual else 0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, T) int64 → next-token logits (B, T, V)."""
+        h = self.drop(self.embedding(tokens) + self.position[: tokens.shape[1]])
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h) @ self.embedding.weight.T
+
+
+def gpt(input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> GPT:
+    """A small decoder-only transformer (2 layers, width 64, 4 heads by default); num_classes = vocabulary."""
+    return GPT(input_shape, num_classes, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ registry
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -413,6 +512,7 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "vgg11_bn": vgg11_bn,
     "lstm_lm": lstm_lm,
+    "gpt": gpt,
 }
 
 

@@ -48,7 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointWriter
-from .config import FORMAT_VERSION, DatasetConfig, RunConfig, checkpoint_steps, steps_per_epoch, total_steps
+from .config import (
+    FORMAT_VERSION,
+    DatasetConfig,
+    RunConfig,
+    ScheduleConfig,
+    checkpoint_steps,
+    steps_per_epoch,
+    total_steps,
+)
 from .data import Dataset, TrainView, augment, hessian_batches, load_prepared, train_view
 from .errors import SharpflowError
 from .hessian import HessianOperator, top_eigenpairs
@@ -98,9 +106,10 @@ def _seed_step(seed: int, device: torch.device) -> None:
 class _Schedule:
     """Learning-rate schedule and early stopping; its state is a small dict saved on resume."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, steps_per_epoch: int, total: int):
         self.cfg = run.optimizer.schedule
         self.base_lr = run.optimizer.lr
+        self.spe, self.total = steps_per_epoch, total
         self.state: dict[str, float] = {
             "lr": self.base_lr, "best_val_loss": math.inf, "best_val_acc": -math.inf,
             "since_loss": 0, "since_acc": 0,
@@ -110,10 +119,14 @@ class _Schedule:
     def needs_validation(self) -> bool:
         return self.cfg.kind == "plateau" or self.cfg.early_stop is not None
 
-    def lr_at(self, epoch: float) -> float:
-        if self.cfg.kind == "step":
-            drops = sum(1 for m in self.cfg.milestones if epoch >= m)
+    def lr_at(self, step: int) -> float:
+        """η for update ``step`` (and recorded with the checkpoint at ``step``)."""
+        kind = self.cfg.kind
+        if kind == "step":
+            drops = sum(1 for m in self.cfg.milestones if step / self.spe >= m)
             return self.base_lr * self.cfg.factor**drops
+        if kind.startswith("warmup"):
+            return self.base_lr * warmup_factor(self.cfg, step, self.total)
         return self.state["lr"]
 
     def end_of_epoch(self, val_loss: float, val_acc: float) -> bool:
@@ -131,6 +144,18 @@ class _Schedule:
         else:
             s["since_acc"] += 1
         return self.cfg.early_stop is not None and s["since_acc"] >= self.cfg.early_stop
+
+
+def warmup_factor(cfg: ScheduleConfig, step: int, total: int) -> float:
+    """η(step)/η of a warmup schedule: linear from ``warmup_start`` at step 0 to 1 at step W, then 1
+    (``warmup_constant``) or a half cosine from 1 at W to ``final_factor`` at ``total``."""
+    w = cfg.warmup_steps
+    if step < w:
+        return cfg.warmup_start + (1.0 - cfg.warmup_start) * step / w
+    if cfg.kind == "warmup_constant":
+        return 1.0
+    progress = min(1.0, (step - w) / max(1, total - w))
+    return cfg.final_factor + (1.0 - cfg.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -338,7 +363,7 @@ class _Run:
         self.model = build_model(run.model, tuple(data.input_shape), data.num_classes).to(device)
         self.theta0 = _flat_params(self.model).clone()
         self.opt = build_optimizer(self.model, run)
-        self.sched = _Schedule(run)
+        self.sched = _Schedule(run, self.spe, self.last)
         self.ckpts = CheckpointWriter(out_dir, config_digest(run, dataset))
         self.metrics = _Metrics([])
         self.order = DataOrder(self.view, run.seed, self.spe, device, augment=run.augment)
@@ -416,7 +441,7 @@ class _Run:
         best = self.best
         if best is None or "model" not in best:  # no finite validation at all: the last weights
             last = self.steps[-1]
-            best = {"step": last, "epoch": last / self.spe, "lr": self.sched.lr_at(last / self.spe),
+            best = {"step": last, "epoch": last / self.spe, "lr": self.sched.lr_at(last),
                     "model": self._weights()}
         step = int(best["step"])
         model = copy.deepcopy(self.model)
@@ -450,7 +475,7 @@ class _Run:
         })
 
     def _set_lr(self, step: int) -> float:
-        lr = self.sched.lr_at(step / self.spe)
+        lr = self.sched.lr_at(step)
         if lr != self._lr_set:
             for group in self.opt.param_groups:
                 group["lr"] = lr
@@ -502,7 +527,7 @@ class _Run:
         theta = _flat_params(self.model if model is None else model)
         epoch = step / self.spe
         self.metrics.add({"run": self.run_name, "step": step, "epoch": epoch, "split": split, "loss": loss,
-                          "accuracy": acc, "lr": self.sched.lr_at(epoch) if lr is None else lr, "wall_s": self.wall(),
+                          "accuracy": acc, "lr": self.sched.lr_at(step) if lr is None else lr, "wall_s": self.wall(),
                           "dist_init": float((theta - self.theta0).norm()), "param_norm": float(theta.norm()),
                           "refresh_s": math.nan, "refresh_matvecs": math.nan,
                           "status": self.status if status is None else status})
@@ -534,7 +559,7 @@ class _Run:
         if self.best is not None and val_acc <= float(self.best["accuracy"]):
             return
         epoch = step / self.spe
-        self.best = {"step": step, "epoch": epoch, "accuracy": val_acc, "lr": self.sched.lr_at(epoch)}
+        self.best = {"step": step, "epoch": epoch, "accuracy": val_acc, "lr": self.sched.lr_at(step)}
         if self.keep_best:
             self.best["model"] = self._weights()
 
@@ -543,7 +568,7 @@ class _Run:
         self._eval_rows(step)
         self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
                         optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
-                        lr=self.sched.lr_at(step / self.spe), best=self.best,
+                        lr=self.sched.lr_at(step), best=self.best,
                         precond=adam_preconditioner(self.model, self.opt) if self.run.optimizer.adaptive else None)
 
 

@@ -118,11 +118,13 @@ SMALL: dict[str, tuple[tuple[int, ...], dict[str, object]]] = {
     "resnet32": ((3, 8, 8), {"blocks_per_stage": 1, "width": 4}),
     "vgg11_bn": ((3, 32, 32), {"layers": [4, "M", 8, "M", 8, "M", 8, "M", 8, "M"], "dense": 8}),
     "lstm_lm": ((5,), {"embed": 6, "hidden": 7}),
+    "gpt": ((5,), {"layers": 1, "width": 8, "heads": 2}),
 }
+TOKEN_MODELS = ("lstm_lm", "gpt")
 
 
 def example_batch(name: str, shape: tuple[int, ...], batch: int = 3, classes: int = 10) -> torch.Tensor:
-    if name == "lstm_lm":
+    if name in TOKEN_MODELS:
         return torch.randint(0, classes, (batch, *shape))
     return torch.randn(batch, *shape)
 
@@ -132,7 +134,7 @@ def test_forward_shape(name: str) -> None:
     shape, kwargs = SMALL[name]
     model = build(name, shape, classes=11, **kwargs)
     out = model(example_batch(name, shape, classes=11))
-    assert out.shape == ((3, shape[0], 11) if name == "lstm_lm" else (3, 11))
+    assert out.shape == ((3, shape[0], 11) if name in TOKEN_MODELS else (3, 11))
 
 
 @pytest.mark.parametrize("name", ["simplecnn", "simplecnn_medium", "resnet32", "vgg11_bn"])
@@ -299,6 +301,86 @@ def test_lstm_hessian_vector_product() -> None:
     g_minus = grad()
     for h, gp, gm in zip(hv, g_plus, g_minus, strict=True):
         torch.testing.assert_close(h, (gp - gm) / (2 * eps), rtol=1e-5, atol=1e-7)
+
+
+# -------------------------------------------------------------------------------- transformer
+def gpt_count(v: int, d: int, context: int, layers: int) -> int:
+    """By hand: tied token embedding V·d, positions C·d; per block two LayerNorms (2·2d), the fused
+    QKV projection d·3d + 3d, the attention output d·d + d, the MLP d·4d + 4d and 4d·d + d; the
+    final LayerNorm 2d. No output layer of its own (tied)."""
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return v * d + context * d + layers * block + 2 * d
+
+
+@pytest.mark.parametrize(("v", "d", "heads", "context", "layers"), [(50, 64, 4, 32, 2), (13, 12, 3, 9, 3)])
+def test_gpt_count(v: int, d: int, heads: int, context: int, layers: int) -> None:
+    model = build("gpt", (context,), classes=v, width=d, heads=heads, layers=layers)
+    assert num_parameters(model) == gpt_count(v, d, context, layers)
+
+
+def test_gpt_is_causal_and_tied() -> None:
+    model = build("gpt", (6,), classes=9, width=8, heads=2, layers=2).eval()
+    tokens = torch.randint(0, 9, (2, 6))
+    changed = tokens.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 9
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # no position sees a later token
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert not any("lm_head" in n or n.endswith("decoder.weight") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        model.embedding.weight.mul_(2.0)  # the output layer is the embedding: logits change with it
+        assert not torch.allclose(model(tokens), a)
+
+
+def test_gpt_attention_matches_torch_sdpa() -> None:
+    """The math-path attention equals PyTorch's own causal scaled-dot-product attention."""
+    from sharpflow.models import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(width=12, heads=3, context=7, dropout=0.0).eval()
+    x = torch.randn(2, 7, 12)
+    b, t, d = x.shape
+    q, k, v = attn.qkv(x).view(b, t, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), attn.proj(ref))
+
+
+def test_gpt_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="multiple of heads"):
+        build("gpt", (5,), width=10, heads=3)
+    with pytest.raises(ValueError, match=r"shape \(T,\)"):
+        build("gpt", (3, 8, 8))
+    with pytest.raises(ValueError, match="context 4 is shorter"):
+        build("gpt", (5,), context=4)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
+def test_gpt_hessian_equals_dense(method: str) -> None:
+    """Both product paths through the attention against the dense Hessian of a tiny GPT (eval mode,
+    dropout configured but off), in float64."""
+    from torch.func import functional_call
+
+    from sharpflow.hessian import HessianOperator
+    from sharpflow.params import flat_params, unflatten
+
+    model = build("gpt", (4,), classes=5, width=4, heads=2, layers=1, dropout=0.1).double().eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 5, (3, 4), generator=gen), torch.randint(0, 5, (3, 4), generator=gen))
+               for _ in range(2)]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    like = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, unflatten(theta, like), (x,)), y)
+
+    h = torch.autograd.functional.hessian(loss, flat_params(model))
+    op = HessianOperator(model, loss_fn, batches, method=method, cache_graph=True)
+    block = torch.randn(op.dim, 3, generator=gen, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(op.matvec(block), h @ block, rtol=1e-5, atol=1e-8)
+    assert op.method == method
 
 
 # ------------------------------------------------------------------------------- user models

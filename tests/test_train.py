@@ -183,6 +183,64 @@ def test_step_schedule(tiny_data, tiny_dataset, tmp_path):
     assert ck == {15: 0.1, 16: 0.05, 32: 0.05}
 
 
+def test_warmup_factor_by_hand():
+    from sharpflow.config import ScheduleConfig
+    from sharpflow.train import warmup_factor
+
+    cos = ScheduleConfig(kind="warmup_cosine", warmup_steps=4, warmup_start=0.2, final_factor=0.1)
+    # linear from 0.2 at step 0 to 1 at step 4: 0.2 + 0.8·s/4
+    assert [warmup_factor(cos, s, 12) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    # then a half cosine over the 8 remaining steps, to 0.1 at step 12 and held there
+    assert warmup_factor(cos, 8, 12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(π/2) = 0
+    assert warmup_factor(cos, 12, 12) == pytest.approx(0.1)
+    assert warmup_factor(cos, 20, 12) == pytest.approx(0.1)
+    const = ScheduleConfig(kind="warmup_constant", warmup_steps=4, warmup_start=0.2)
+    assert [warmup_factor(const, s, 12) for s in (2, 4, 11)] == pytest.approx([0.6, 1.0, 1.0])
+
+
+def test_warmup_needs_its_length_and_only_warmup_takes_it():
+    from pydantic import ValidationError
+
+    from sharpflow.config import ScheduleConfig
+
+    with pytest.raises(ValidationError, match="needs warmup_steps"):
+        ScheduleConfig(kind="warmup_cosine")
+    with pytest.raises(ValidationError, match="warmup_steps is for"):
+        ScheduleConfig(kind="constant", warmup_steps=3)
+    # an existing run's config dumps as before: the new fields are omitted at their defaults
+    assert "warmup_steps" not in ScheduleConfig().model_dump()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "nsgd"])
+def test_warmup_cosine_schedule_in_training(tiny_data, tiny_dataset, tmp_path, optimizer):
+    sched = {"kind": "warmup_cosine", "warmup_steps": 10, "warmup_start": 0.1, "final_factor": 0.0}
+    over = {"optimizer__name": optimizer, "optimizer__schedule": sched, "optimizer__grad_clip": 1.0}
+    if optimizer == "nsgd":
+        over["optimizer__nsgd"] = {"gamma": 0.5, "k": 2, "refresh_every_steps": 20}
+    run = tiny_run(**over)
+    df = _train(run, tiny_dataset, tiny_data, tmp_path)
+    lrs = df[df.split == "batch"].set_index("step").lr
+    expected = {0: 0.01, 5: 0.1 * (0.1 + 0.9 * 0.5), 10: 0.1, 25: 0.1 * 0.5 * (1 + math.cos(math.pi / 2))}
+    assert {s: lrs[s] for s in expected} == pytest.approx(expected)
+    assert lrs[39] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 29 / 30)))
+    ck = {s: load_checkpoint(tmp_path / "checkpoints" / f"step{s:08d}.pt")["lr"] for s in (5, 15, 32)}
+    assert ck == pytest.approx({5: expected[5], 15: 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 30)),
+                                32: 0.1 * 0.5 * (1 + math.cos(math.pi * 22 / 30))})
+
+
+def test_warmup_run_resumes_bitwise(tiny_data, tiny_dataset, tmp_path):
+    run = tiny_run(optimizer__name="adamw", optimizer__lr=0.01,
+                   optimizer__schedule={"kind": "warmup_cosine", "warmup_steps": 8})
+    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, tiny_dataset, tiny_data, out, stop_after=13)
+    for p in _ckpts(out):
+        p.unlink()
+    again = _train(run, tiny_dataset, tiny_data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+
+
 def _nsgd(**over):
     base = {"optimizer__name": "nsgd", "optimizer__nsgd": {"gamma": 0.1, "k": 3, "refresh_every_steps": 10}}
     base.update(over)
