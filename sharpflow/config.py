@@ -377,6 +377,7 @@ ALIASES = {
     "optimizer.nsgd.gamma": "gamma",
     "optimizer.nsgd.k": "k",
     "optimizer.nsgd.subspace": "sub",
+    "optimizer.schedule.warmup_steps": "wu",
     "optimizer.name": "",
     "model.name": "",
 }

@@ -23,7 +23,8 @@ from .io import read_parquet, write_parquet
 
 #: run fields of ``spec["runs"][run]`` that can distinguish runs, in the order in which a figure
 #: prefers to colour by them.
-SWEEP_KEYS: tuple[str, ...] = ("lr", "batch_size", "gamma", "k", "momentum", "optimizer", "loss", "seed")
+SWEEP_KEYS: tuple[str, ...] = ("lr", "batch_size", "gamma", "k", "momentum", "optimizer", "loss", "seed",
+                               "warmup_steps")
 
 
 @dataclass

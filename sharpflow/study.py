@@ -294,6 +294,8 @@ def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[s
             "loss": rc.loss,
             "steps_per_epoch": steps_per_epoch(rc, cfg.datasets[rc.dataset]),
         }
+        if rc.optimizer.schedule.kind.startswith("warmup"):  # only then: other runs' specs stay as they were
+            out[run]["warmup_steps"] = rc.optimizer.schedule.warmup_steps
     return out
 
 

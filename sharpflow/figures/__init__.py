@@ -30,6 +30,9 @@ Figure kinds (module, tables read):
   panel per study (Andreyev & Beneventano 2024).
 - ``subspace`` (subspace.py; subspace): the gradient's share in the top-k eigenspace vs k and vs
   epoch, and the overlap of consecutive checkpoints' top-k eigenspaces (Gur-Ari et al. 2018).
+- ``warmup`` (warmup.py; metrics, spectrum, and precond where a run has it): η(t)·λ_1/2 and
+  η(t)·λ_1(P^{-1}H) against their thresholds vs step per warmup length, with the training loss and
+  η(t)/η (Kalra & Barkeshli 2024).
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -58,6 +61,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "eos": ("metrics", "spectrum"),
     "batch_sharpness": ("batch_sharpness",),
     "subspace": ("subspace",),
+    "warmup": ("metrics", "spectrum", "precond"),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module
@@ -69,6 +73,7 @@ REGISTRY = Kinds(
     modules={kind: f"{kind}.py" for kind in KINDS},
     shared=("../results.py", "style.py"),
     captions={kind: f"workflow/report/{kind}.rst" for kind in KINDS},
+    optional={"warmup": frozenset({"precond"})},
 )
 
 

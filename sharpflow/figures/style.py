@@ -38,13 +38,13 @@ EIG_UNIT = "nats/param²"  # Hessian eigenvalues: loss (nats) per squared parame
 
 #: symbols of the run settings, for legends.
 SYMBOL = {"lr": "η", "batch_size": "S", "gamma": "γ", "k": "K", "momentum": "μ", "seed": "seed",
-          "optimizer": "opt"}
+          "optimizer": "opt", "warmup_steps": "W"}
 
 _PALETTES = {"lr": ("plasma", 0.05, 0.80), "batch_size": ("viridis", 0.05, 0.85), "k": ("cividis", 0.0, 0.85),
              "momentum": ("cool", 0.0, 1.0), "seed": ("tab10", None, None),
              "optimizer": ("Dark2", None, None),
              "gamma": ("Set1", None, None), "run": ("tab10", None, None),
-             "factor": ("Greens", 0.45, 0.9)}
+             "factor": ("Greens", 0.45, 0.9), "warmup_steps": ("viridis", 0.05, 0.85)}
 
 DIVERGED_MARKER = {"marker": "x", "markersize": 7, "markeredgewidth": 1.6, "linestyle": "none", "zorder": 5}
 #: an eigenvalue whose pair missed the solver's tolerance: drawn, but hollow-ringed
