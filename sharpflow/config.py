@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import usersources
 from .configbase import Name, Strict
 
 #: Bumped when a stage's results change meaning; part of that stage's Snakemake params, so a
@@ -57,14 +58,17 @@ RUN_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,200}$")
 class DatasetConfig(Strict):
     """One dataset, prepared once into ``results/data/{name}/``."""
 
-    omit_at_default = ("synthetic_classes", "synthetic_train", "synthetic_test")
+    omit_at_default = ("synthetic_classes", "synthetic_train", "synthetic_test", "path", "function",
+                       "num_classes", "train_examples", "tokenizer", "valid_fraction", "test_fraction")
 
     source: Literal[
-        "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb", "synthetic_images", "synthetic_text"
+        "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "ptb", "synthetic_images", "synthetic_text",
+        "arrays", "text", "python",
     ] = Field(
         description="mnist1d (generated locally), cifar10/cifar100/mnist/fashion_mnist (torchvision), ptb; "
-        "synthetic_images / synthetic_text: offline stand-ins shaped like CIFAR / PTB for smoke runs and "
-        "tests (generated from the seed; never results)."
+        "synthetic_images / synthetic_text: offline stand-ins shaped like CIFAR / PTB (a Markov-chain token "
+        "stream), generated from the seed; your own data: arrays (a .npz), text (a file or directory), "
+        "python (a function returning arrays)."
     )
     seed: NonNegativeInt = Field(0, lt=2**32, description="Seed of the train/valid split and of the Hessian subset.")
     hessian_subset: PositiveInt = Field(
@@ -100,6 +104,20 @@ class DatasetConfig(Strict):
         50000, description="synthetic_images: training images before the validation split (CIFAR: 50,000)."
     )
     synthetic_test: PositiveInt = Field(10000, description="synthetic_images: test images (CIFAR: 10,000).")
+    # Your own data
+    path: str | None = Field(None, description="arrays: a .npz with x_train, y_train, x_test, y_test (optionally "
+                             "x_valid, y_valid); text: a UTF-8 file or a directory of *.txt files.")
+    function: str | None = Field(None, description="python: 'package.module:function' returning the arrays "
+                                 "source's keys.")
+    num_classes: PositiveInt | None = Field(None, description="arrays, python: classes or vocabulary size "
+                                            "(None: the largest label + 1).")
+    train_examples: PositiveInt | None = Field(None, description="arrays, text, python: training examples the "
+                                               "source gives before the validation split (None: read from the "
+                                               "data; required for python).")
+    tokenizer: Literal["word", "char"] = Field("word", description="text: words (whitespace, <eos> per line) "
+                                               "or characters.")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="text: the share of tokens after train for valid.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="text: the last share of tokens, for test.")
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
@@ -107,13 +125,27 @@ class DatasetConfig(Strict):
             raise ValueError("ptb_location is required for source 'ptb' (a directory or URL prefix)")
         if self.source == "synthetic_text" and self.vocab_size < 3:
             raise ValueError("synthetic_text needs vocab_size >= 3 (words plus <eos>)")
+        if self.source in ("arrays", "text") and not self.path:
+            what = ".npz file" if self.source == "arrays" else "text file or directory"
+            raise ValueError(f"source {self.source} needs path (the {what})")
+        if self.source == "python" and not (self.function and re.fullmatch(r"[\w.]+:\w+", self.function)):
+            raise ValueError("source python needs function: 'package.module:function'")
+        if self.source == "text" and self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError("valid_fraction + test_fraction must leave tokens for training")
         return self
 
     def default_valid_size(self) -> int:
         if self.valid_size is not None:
             return self.valid_size
-        return {"mnist1d": 400, "cifar10": 5000, "cifar100": 5000, "mnist": 10000,
-                "fashion_mnist": 10000, "ptb": 0, "synthetic_images": 5000, "synthetic_text": 0}[self.source]
+        if self.source in ("arrays", "python"):  # 10 % of the source's training examples
+            return self._source_train() // 10
+        return {"mnist1d": 400, "cifar10": 5000, "cifar100": 5000, "mnist": 10000, "fashion_mnist": 10000,
+                "ptb": 0, "synthetic_images": 5000, "synthetic_text": 0, "text": 0}[self.source]
+
+    def _source_train(self) -> int:
+        """A user source's training examples before the validation split (read from its data)."""
+        return usersources.train_examples(self.source, self.path, self.function, self.tokenizer, self.bptt,
+                                          self.valid_fraction, self.test_fraction, self.train_examples)
 
     def train_size(self) -> int:
         """Training examples after the split, known before anything is prepared.
@@ -130,7 +162,7 @@ class DatasetConfig(Strict):
             "ptb": (self.ptb_train_tokens - 1) // self.bptt,
             "synthetic_images": self.synthetic_train,
             "synthetic_text": (self.ptb_train_tokens - 1) // self.bptt,
-        }[self.source]
+        }[self.source] if self.source not in ("arrays", "text", "python") else self._source_train()
         n = full - self.default_valid_size()
         if n <= 0:
             raise ValueError(f"valid_size {self.default_valid_size()} leaves no training examples of {full}")

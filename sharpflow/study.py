@@ -50,7 +50,7 @@ from .config import (
     study_of,
 )
 from .configbase import Name, Strict
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .figures import KINDS as FIGURE_KINDS
 from .tables import KINDS as TABLE_KINDS
 
@@ -177,6 +177,8 @@ class _ConfigBase(Strict):
                 raise ValueError(f"run {run}: dataset {cfg.dataset!r} is not defined under 'datasets'")
             try:
                 n_train = self.datasets[cfg.dataset].train_size()
+            except DataError as err:  # the user's own data, read to size it: name the dataset
+                raise ValueError(f"datasets.{cfg.dataset}: {err}") from None
             except ValueError:
                 continue  # reported where the sizes are used (prepare, the checkpoint plan)
             check_batchnorm_batches(run, cfg, n_train)

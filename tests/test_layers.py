@@ -32,7 +32,7 @@ HEAVY_LIBS = {"torch", "torchvision", "pandas", "pyarrow", "matplotlib", "scipy"
 LAYERS: dict[str, int] = {
     # leaves
     "sharpflow": 0, "sharpflow.errors": 0, "sharpflow.configbase": 0, "sharpflow.io": 0,
-    "sharpflow.params": 0, "sharpflow.kinds": 0,
+    "sharpflow.params": 0, "sharpflow.kinds": 0, "sharpflow.usersources": 0,
     # the run-level config
     "sharpflow.config": 1,
     # what computes on one run: data, models, checkpoints, nsgd, hessian, results
