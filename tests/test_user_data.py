@@ -84,7 +84,7 @@ def test_config_names_the_dataset_and_file_of_a_bad_source(tmp_path):
 def test_source_fields_are_checked():
     with pytest.raises(ValidationError, match="needs path"):
         DatasetConfig(source="arrays")
-    with pytest.raises(ValidationError, match="package.module:function"):
+    with pytest.raises(ValidationError, match=r"package\.module:function"):
         DatasetConfig(source="python", function="no_colon")
     # the new fields stay out of an existing dataset's JSON (no params change, no rerun)
     assert "path" not in DatasetConfig(source="mnist1d").model_dump()
