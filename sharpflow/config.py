@@ -75,7 +75,8 @@ class DatasetConfig(Strict):
         2560, description="N, the fixed training examples over which Hessians are averaged."
     )
     valid_size: NonNegativeInt | None = Field(
-        None, description="Validation examples split off the training set (None: the source's default)."
+        None, description="Validation examples split off the training set (None: the source's default; "
+        "arrays, python: 10 %, or an arrays file's own x_valid; 0: a source's own validation set)."
     )
     max_train: PositiveInt | None = Field(None, description="Keep only the first n training examples.")
     cache_dir: str | None = Field(
@@ -137,6 +138,8 @@ class DatasetConfig(Strict):
     def default_valid_size(self) -> int:
         if self.valid_size is not None:
             return self.valid_size
+        if self.source == "arrays" and usersources.npz_sizes(str(self.path))[1]:
+            return 0  # the file's own x_valid, y_valid
         if self.source in ("arrays", "python"):  # 10 % of the source's training examples
             return self._source_train() // 10
         return {"mnist1d": 400, "cifar10": 5000, "cifar100": 5000, "mnist": 10000, "fashion_mnist": 10000,

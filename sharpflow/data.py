@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sharpflow import usersources
 from sharpflow.config import FORMAT_VERSION, DatasetConfig, RunConfig
 from sharpflow.errors import DataError, SharpflowError
 from sharpflow.io import atomic_path, read_npz, sha256_file, write_npz, write_text
@@ -460,6 +461,9 @@ def _read_source(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[_Raw, st
         raw = _load_synthetic_images(cfg, log)
     elif cfg.source == "synthetic_text":
         raw = _load_synthetic_text(cfg, log)
+    elif cfg.source in ("arrays", "text", "python"):
+        log(f"reading your own data ({cfg.source}): {cfg.path or cfg.function}")
+        raw = _Raw(**usersources.read_source(cfg))
     else:
         raw = _load_torchvision(cfg, log)
     src = raw.provenance.get("directory", cfg.source)
@@ -467,7 +471,7 @@ def _read_source(cfg: DatasetConfig, log: Log, progress: bool) -> tuple[_Raw, st
         raise DataError(f"{src}: the training set is empty")
     if len(raw.test_y) == 0:
         raise DataError(f"{src}: the test set is empty")
-    if raw.kind != "tokens":
+    if raw.kind != "tokens":  # (user sources check theirs, token ids too, in usersources.label_count)
         _check_labels(raw.train_y, raw.num_classes, f"{src} (train)")
         _check_labels(raw.test_y, raw.num_classes, f"{src} (test)")
     return raw, src

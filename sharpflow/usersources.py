@@ -44,12 +44,15 @@ def _existing(path: str | Path, what: str) -> Path:
 
 
 @lru_cache(maxsize=16)
-def _npz_train_length(path: str, mtime_ns: int, size: int) -> int:
+def _npz_sizes(path: str, mtime_ns: int, size: int) -> tuple[int, bool]:
     arrays = _open_npz(Path(path))
-    return len(arrays["y_train"])
+    return len(arrays["y_train"]), VALID_KEYS[0] in arrays.files
 
 
 def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive: truncated or another format); "
+                        "write it with numpy.savez")
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
@@ -65,11 +68,12 @@ def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
     return arrays
 
 
-def npz_train_length(path: str | Path) -> int:
-    """The number of training examples in an ``arrays`` file (read once per file version)."""
+def npz_sizes(path: str | Path) -> tuple[int, bool]:
+    """The training examples of an ``arrays`` file and whether it has its own validation arrays
+    (read once per version of the file)."""
     p = _existing(path, "file")
     st = p.stat()
-    return _npz_train_length(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    return _npz_sizes(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -263,7 +267,7 @@ def train_examples(source: str, path: str | None, function: str | None, level: s
     if given is not None:
         return given
     if source == "arrays":
-        return npz_train_length(str(path))
+        return npz_sizes(str(path))[0]
     if source == "text":
         n = text_split_lengths(text_token_count(str(path), level), valid_fraction, test_fraction)["train"]
         return max(0, (n - 1) // bptt)

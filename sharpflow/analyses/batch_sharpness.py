@@ -97,7 +97,8 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
     df = pd.DataFrame([{
         "batch_sharpness": mean, "batch_sharpness_se": se,
         "batch_sharpness_median": float(np.median(ok)) if len(ok) else math.nan,
-        "batches": len(ok), "batch_size": bsz, "lr": lr, "threshold": 2.0 / lr, "ratio": lr * mean / 2,
+        "batches": len(ok), "batch_size": bsz, "lr": lr, "threshold": 2.0 / lr if lr > 0 else math.inf,
+        "ratio": lr * mean / 2,
         "lambda1": lam1, "lambda1_ratio": lr * lam1 / 2,
     }])
     add_ident(df, {**ctx.ident, "status": status})

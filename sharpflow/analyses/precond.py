@@ -42,8 +42,9 @@ class PrecondConfig(Strict):
 
 
 def adam_threshold(lr: float, beta1: float) -> float:
-    """(2 + 2β₁)/(η(1 − β₁)): the stability threshold of Adam's preconditioned sharpness."""
-    return (2 + 2 * beta1) / (lr * (1 - beta1))
+    """(2 + 2β₁)/(η(1 − β₁)): the stability threshold of Adam's preconditioned sharpness (inf at η = 0,
+    e.g. the last step of a schedule that decays to zero)."""
+    return (2 + 2 * beta1) / (lr * (1 - beta1)) if lr > 0 else math.inf
 
 
 def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFrame]:
