@@ -388,3 +388,29 @@ def test_a_stale_stash_entry_is_recomputed_not_reused(trained, tiny_data, tmp_pa
     lines.clear()
     run_chain(run, spectrum=SPEC.model_copy(update={"k": 2}), log=lines.append, **kw)
     assert sum("spectrum reused" in m for m in lines) == 2
+
+
+def test_a_corrupt_stash_entry_is_recomputed_with_one_line(trained, tiny_data, tmp_path):
+    """A stash file truncated to 7 bytes (the stash and the published table share it: a hard link) is
+    caught by its checksum and recomputed, with one log line; the tables end as they were."""
+    from sharpflow.analyses import REGISTRY
+    from sharpflow.analyses.stage import Planned, run_chain
+
+    run, out = trained
+    cks = sorted((out / "checkpoints").glob("*.pt"))[:2]
+    steps = [int(p.stem.removeprefix("step")) for p in cks]
+    kw = {"run_name": "r", "data_dir": tiny_data, "checkpoints": cks, "spectrum": SPEC, "results": tmp_path,
+          "analyses": [Planned(REGISTRY["project"], PROJ, set(steps))], "aggregate": True}
+    run_chain(run, log=_quiet, **kw)
+    table = tmp_path / "runs" / "r" / "alignment.parquet"
+    before = pd.read_parquet(table)
+    stashed = tmp_path / "runs" / "r" / ".analysis" / "project" / "alignment" / f"step{steps[1]:08d}.parquet"
+    with open(stashed, "wb") as fh:  # in place, as a crash mid-write or a full disk would leave it
+        fh.write(b"PAR1xyz")
+    lines: list[str] = []
+    run_chain(run, log=lines.append, **kw)
+    corrupt = [m for m in lines if "corrupt" in m]
+    assert len(corrupt) == 1 and f"alignment/step{steps[1]:08d}.parquet: checksum differs" in corrupt[0]
+    assert sum("project reused" in m for m in lines) == 1  # the intact checkpoint is still reused
+    pd.testing.assert_frame_equal(pd.read_parquet(table).drop(columns=["seconds"], errors="ignore"),
+                                  before.drop(columns=["seconds"], errors="ignore"))

@@ -51,7 +51,7 @@ def test_warmup_figure_plots_eta_t_times_the_sharpness(tmp_path):
     paths = [p for run, w in ws.items() for p in _tables(tmp_path, run, w)]
     data = load(paths, figures.KINDS["warmup"], _spec(ws))
     fig = warmup.plot(data, {})
-    ax_h, ax_p, ax_l = fig.axes[:3]
+    ax_h, ax_p = fig.axes[:2]
     lines = [ln for ln in ax_h.lines if len(ln.get_xdata()) == len(STEPS)]
     assert len(lines) == 2
     for line, w in zip(lines, ws.values(), strict=True):

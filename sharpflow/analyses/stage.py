@@ -64,9 +64,14 @@ def _key(*parts: Any) -> str:
 
 @dataclass
 class _Stash:
-    """One result slot per (what, step) under ``runs/{run}/.analysis``; a key file validates it."""
+    """One result slot per (what, step) under ``runs/{run}/.analysis``; a key file validates it.
+
+    The key file holds the key on its first line and, on the next, the SHA-256 of every file of the
+    slot: an entry whose files were truncated or corrupted (a full disk, a crash mid-copy, a stray
+    edit) is recomputed, with one log line, instead of being published or failing the job."""
 
     root: Path
+    log: Log = print
 
     def files(self, what: str, names: Sequence[str], step: int | str) -> dict[str, Path]:
         """The stashed tables ``names`` of ``what`` at ``step`` (an int, or "best")."""
@@ -78,12 +83,25 @@ class _Stash:
     def valid(self, what: str, step: int | str, key: str, files: Sequence[Path]) -> bool:
         kf = self.key_file(what, step)
         try:
-            return kf.read_text() == key and all(f.exists() for f in files)
-        except OSError:
+            lines = kf.read_text().split("\n")
+            if lines[0] != key or not all(f.exists() for f in files):
+                return False
+            digests = json.loads(lines[1]) if len(lines) > 1 and lines[1] else {}
+            bad = [self._rel(f) for f in files if self._rel(f) in digests and sha256_file(f) != digests[self._rel(f)]]
+        except (OSError, json.JSONDecodeError):
             return False
+        if bad:
+            self.log(f"{kf.parent}: stashed {what} of {_label(step)} is corrupt ({', '.join(bad)}: checksum "
+                     "differs); recomputing it")
+            return False
+        return True
 
-    def seal(self, what: str, step: int | str, key: str) -> None:
-        write_text(self.key_file(what, step), key)
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def seal(self, what: str, step: int | str, key: str, files: Sequence[Path]) -> None:
+        digests = {self._rel(f): sha256_file(f) for f in files}
+        write_text(self.key_file(what, step), key + "\n" + json.dumps(digests, sort_keys=True))
 
 
 def _label(step: int | str) -> str:
@@ -129,7 +147,7 @@ def run_chain(
 
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
-    stash = _Stash(Path(results) / "runs" / run_name / ".analysis")
+    stash = _Stash(Path(results) / "runs" / run_name / ".analysis", log)
     spec_json = dump_json(spectrum)
     starts = set(chain_starts or [])
     previous: dict[str, Any] | None = None
@@ -182,7 +200,7 @@ def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previ
         table, vecs = spectrum_mod.compute(ctx, cfg, previous, progress=progress, log=ctx.log)
         save_torch(files["eigvecs"], vecs)
         write_parquet(files["spectrum"], table)
-        stash.seal("spectrum", slot, key)
+        stash.seal("spectrum", slot, key, list(files.values()))
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: spectrum reused from the stash")
     out_table, out_vecs = spectrum_paths(results, ctx.run_name, None if label else step)
@@ -205,7 +223,7 @@ def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum
         tables = compute_tables(a, ctx, plan.config)
         for kind, df in tables.items():
             write_parquet(files[kind], df)
-        stash.seal(a.name, step, key)
+        stash.seal(a.name, step, key, list(files.values()))
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: {a.name} reused from the stash")
     published = analysis_paths(results, ctx.run_name, a, step)
