@@ -8,9 +8,10 @@
 - ``<!-- generated: cli -->`` becomes ``sharpflow --help`` and every command's ``--help``, from
   :func:`sharpflow.cli.build_parser`.
 - ``<!-- generated: figure-kinds -->`` and ``<!-- generated: table-kinds -->`` become one section per
-  registered figure or table kind: its description (the module docstring, or the package's bullet
-  for a table kind), the tables it reads, its module and caption, where ``config/config.yaml``
-  draws it, and the default suite's PNG from ``docs/`` where there is one.
+  registered figure or table kind: its description (its module's docstring; the package's bullet
+  for a kind that shares the module of a kind above it), the tables it reads, its module and
+  caption, where ``config/config.yaml`` draws it, and the default suite's PNG from ``docs/`` where
+  there is one.
 
 Both are rendered at every build, so the pages cannot drift from the code; ``tests/test_docs.py``
 checks what they contain against the registries.
@@ -231,8 +232,11 @@ def _kind_sections(package: Any, section: str, docs_prefix: str) -> list[str]:
     for kind, reads in package.KINDS.items():
         optional = reg.optional_for(kind)
         module = reg.modules[kind]
-        # a figure kind has a module of its own; table kinds may share one, so take the package's bullet
-        body = _module_doc(package.__name__, module) if section == "figures" else _bullet(package.__doc__ or "", kind)
+        shared = next((k for k in package.KINDS if reg.modules[k] == module and k != kind), None)
+        if shared is not None and list(package.KINDS).index(shared) < list(package.KINDS).index(kind):
+            body = f"{_bullet(package.__doc__ or '', kind)} Described with ``{shared}``, whose module it shares."
+        else:
+            body = _module_doc(package.__name__, module)
         read = ", ".join(f"`{t}`" + (" (where a run has it)" if t in optional else "") for t in reads)
         where = "; ".join(f"`{name}` ({', '.join(studies)})" for name, studies in used.get(kind, [])) or "–"
         lines += [f"### `{kind}`", "", markdown(body), "",
