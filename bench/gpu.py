@@ -14,7 +14,7 @@ so and exits with status 0 having measured nothing. On a CUDA device it prints:
    spectrum at every checkpoint and the project analyses), trained and analysed on the GPU and
    analysed again on the CPU: seconds on each and their ratio.
 
-Every ratio is against an anchor measured in the same run. Put the figures in README.md with
+Every ratio is against an anchor measured in the same run. Put the figures in docs/measured/benchmarks.md with
 the device named.
 """
 

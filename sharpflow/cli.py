@@ -303,7 +303,7 @@ def cmd_schema(a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sharpflow",
-        description="Stages of the sharpflow pipeline (normally run by Snakemake; see README.md).",
+        description="Stages of the sharpflow pipeline (normally run by Snakemake; see README.md and the docs site).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

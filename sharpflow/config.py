@@ -136,6 +136,7 @@ class DatasetConfig(Strict):
         return self
 
     def default_valid_size(self) -> int:
+        """Validation examples split off the training set: ``valid_size``, else the source's default."""
         if self.valid_size is not None:
             return self.valid_size
         if self.source == "arrays" and usersources.npz_sizes(str(self.path))[1]:
@@ -174,6 +175,7 @@ class DatasetConfig(Strict):
 
 # ---------------------------------------------------------------------------------------- model
 class ModelConfig(Strict):
+    """The network: a built-in model (:data:`MODEL_NAMES`) or your own class by import path, with its kwargs."""
     name: str = Field(description="A built-in model or 'package.module:Class' for your own nn.Module.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model.")
 
@@ -229,6 +231,7 @@ class NSGDConfig(Strict):
 
 
 class OptimizerConfig(Strict):
+    """The optimizer, its learning rate η, batch size S, schedule and clipping; Nudged-SGD's or Adam's own settings."""
     omit_at_default = ("betas", "eps")
 
     name: Literal["sgd", "nsgd", "adam", "adamw"] = Field(
@@ -279,6 +282,7 @@ class CheckpointConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """The full evaluations of the train, validation and test splits at checkpoints (and epoch ends)."""
     batch_size: PositiveInt = Field(2000, description="Examples per forward pass when evaluating.")
     valid_every_epoch: bool = Field(
         True, description="Evaluate and record the validation split at every epoch end (train/valid/test are "
@@ -365,6 +369,7 @@ class SpectrumConfig(Strict):
 
 
 class StageResources(Strict):
+    """What one stage's job asks the scheduler for (Snakemake resources; a profile may override them)."""
     threads: PositiveInt = 1
     mem_mb: PositiveInt = 2000
     runtime: PositiveInt = Field(60, description="Minutes (used by SLURM).")
@@ -439,6 +444,7 @@ def run_id(study: str, point: dict[str, Any]) -> str:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``, nested mappings key by key (neither is changed)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -449,12 +455,14 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_of(run: str) -> str:
+    """The study a run id belongs to: the part before the first ``-``."""
     return run.split("-", 1)[0]
 
 
 
 # ------------------------------------------------------------------------------ step arithmetic
 def steps_per_epoch(run: RunConfig, dataset: DatasetConfig) -> int:
+    """Updates per epoch: the training examples the run uses over its batch size, rounded up (1 for full batch)."""
     n = dataset.train_size()
     if run.train_subset is not None:
         if run.train_subset > n:
@@ -465,6 +473,7 @@ def steps_per_epoch(run: RunConfig, dataset: DatasetConfig) -> int:
 
 
 def total_steps(run: RunConfig, dataset: DatasetConfig) -> int:
+    """The run's length in updates: ``steps``, or ``epochs`` × steps per epoch rounded (at least 1)."""
     if run.steps is not None:
         return run.steps
     assert run.epochs is not None
@@ -501,6 +510,7 @@ def checkpoint_steps(run: RunConfig, dataset: DatasetConfig) -> list[int]:
 
 # -------------------------------------------------------------------------------- serialising
 def format_errors(err: ValidationError) -> str:
+    """A pydantic validation error as one line: ``field.path: message`` per problem, ``; `` between them."""
     msgs = []
     for e in err.errors():
         # repr() keys with control characters, so the message stays one readable line

@@ -46,15 +46,18 @@ class Data:
         return all(len(df) == 0 for df in self.tables.values())
 
     def table(self, kind: str) -> pd.DataFrame:
+        """Every loaded row of table ``kind`` (an empty frame when none was loaded)."""
         return self.tables.get(kind, pd.DataFrame())
 
     def rows(self, kind: str, run: str) -> pd.DataFrame:
+        """The rows of table ``kind`` that belong to ``run``."""
         df = self.table(kind)
         if len(df) == 0:
             return df
         return df[df["run"] == run]
 
     def runs_with(self, kind: str) -> list[str]:
+        """The runs with rows in table ``kind``, in the spec's order."""
         df = self.table(kind)
         present = set(df["run"]) if len(df) else set()
         return [r for r in self.runs if r in present]
@@ -69,6 +72,7 @@ class Data:
         return v
 
     def study(self, run: str) -> str:
+        """The study ``run`` belongs to (from the spec, else from its id)."""
         return str(self.meta.get(run, {}).get("study") or study_of(run))
 
     def divergence(self, run: str) -> tuple[float, float] | None:
@@ -204,6 +208,7 @@ Group = tuple[str, float | None, float | None]
 
 
 def optimizer_of(data: Data, run: str) -> str:
+    """The run's optimizer name, lower case (from the spec; older specs without it: nsgd if it has a γ)."""
     opt = data.value(run, "optimizer")
     if opt is None:
         opt = "nsgd" if data.value(run, "gamma") is not None else "sgd"
@@ -239,6 +244,7 @@ def group_order(key: Group) -> tuple:
 
 
 def group_label(key: Group, by: list[str]) -> str:
+    """A legend or table label of a run group: ``SGD(η=…)``, or the NSGD settings named in ``by``."""
     kind, a, b = key
     if kind == "sgd":
         return f"SGD(η={a:g})" if a is not None else "SGD"

@@ -268,6 +268,7 @@ def _study_section(cfg: _ConfigBase, section: str, study: str) -> BaseModel:
 
 
 def spectrum_config(cfg: Config, run: str) -> SpectrumConfig:
+    """The spectrum section for ``run``: the top level, with its study's overrides."""
     return _study_section(cfg, "spectrum", study_of(run))  # type: ignore[return-value]
 
 
@@ -351,6 +352,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
 
 
 def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a missing or malformed file raises :class:`ConfigError` naming it."""
     path = Path(path)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -366,8 +368,10 @@ def merge_config(base: Any, overrides: dict[str, Any]) -> Any:
 
 
 def load_config(path: str | Path) -> Config:
+    """Read and validate a config file (:func:`read_yaml`, then :func:`parse_config`)."""
     return parse_config(read_yaml(path), str(Path(path)))
 
 
 def json_schema() -> dict[str, Any]:
+    """The JSON schema of the whole config (``workflow/schemas/config.schema.json``, kept in sync by a test)."""
     return Config.model_json_schema()

@@ -35,26 +35,6 @@ API_MODULES = (
 
 KNOWN_GAPS = frozenset({
     "sharpflow.hessian.operators.LinearOperator.matvec",
-    "sharpflow.config.DatasetConfig.default_valid_size",
-    "sharpflow.config.ModelConfig",
-    "sharpflow.config.OptimizerConfig",
-    "sharpflow.config.EvalConfig",
-    "sharpflow.config.StageResources",
-    "sharpflow.config.deep_merge",
-    "sharpflow.config.study_of",
-    "sharpflow.config.steps_per_epoch",
-    "sharpflow.config.total_steps",
-    "sharpflow.config.format_errors",
-    "sharpflow.study.spectrum_config",
-    "sharpflow.study.read_yaml",
-    "sharpflow.study.load_config",
-    "sharpflow.study.json_schema",
-    "sharpflow.results.Data.table",
-    "sharpflow.results.Data.rows",
-    "sharpflow.results.Data.runs_with",
-    "sharpflow.results.Data.study",
-    "sharpflow.results.optimizer_of",
-    "sharpflow.results.group_label",
 })
 
 
