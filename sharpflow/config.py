@@ -230,12 +230,22 @@ class NSGDConfig(Strict):
     hessian_examples: PositiveInt | None = Field(None, description="None: the dataset's hessian_subset.")
 
 
+class SAMConfig(Strict):
+    """Sharpness-aware minimisation (Foret et al. 2021): the gradient at the worst point of a ρ-ball;
+    ``adaptive``: ASAM (Kwon et al. 2021), the ball scaled by |w| + eta."""
+
+    rho: PositiveFloat = Field(0.05, description="The radius ρ of the ascent.")
+    adaptive: bool = Field(False, description="ASAM: ε = ρ·T²g/‖Tg‖ with T = |w| + eta.")
+    eta: NonNegativeFloat = Field(0.01, description="ASAM's η in T = |w| + η.")
+
+
 class OptimizerConfig(Strict):
     """The optimizer, its learning rate η, batch size S, schedule and clipping; Nudged-SGD's or Adam's own settings."""
-    omit_at_default = ("betas", "eps")
+    omit_at_default = ("betas", "eps", "sam")
 
-    name: Literal["sgd", "nsgd", "adam", "adamw"] = Field(
-        "sgd", description="sgd | nsgd (Nudged-SGD) | adam | adamw (torch's; betas, eps; momentum must be 0)."
+    name: Literal["sgd", "nsgd", "adam", "adamw", "sam"] = Field(
+        "sgd", description="sgd | nsgd (Nudged-SGD) | adam | adamw (torch's; betas, eps; momentum must be 0) | "
+        "sam (SGD at the worst point of a ρ-ball: two gradients per step; settings under sam)."
     )
     lr: PositiveFloat = Field(0.01, description="Learning rate η.")
     batch_size: PositiveInt | Literal["full"] = Field(128, description="S, or 'full' for full-batch GD.")
@@ -244,6 +254,7 @@ class OptimizerConfig(Strict):
     grad_clip: PositiveFloat | None = Field(None, description="Clip the gradient norm (PTB: 5).")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     nsgd: NSGDConfig | None = None
+    sam: SAMConfig | None = None
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (β1, β2), each in [0, 1).")
     eps: PositiveFloat = Field(1e-8, description="Adam's ε.")
 
@@ -253,6 +264,10 @@ class OptimizerConfig(Strict):
             self.nsgd = NSGDConfig()
         if self.name != "nsgd" and self.nsgd is not None:
             raise ValueError(f"'nsgd' settings given but optimizer.name is {self.name!r}")
+        if self.name == "sam" and self.sam is None:
+            self.sam = SAMConfig()
+        if self.name != "sam" and self.sam is not None:
+            raise ValueError(f"'sam' settings given but optimizer.name is {self.name!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
         if self.adaptive and self.momentum:
@@ -417,6 +432,7 @@ ALIASES = {
     "optimizer.nsgd.gamma": "gamma",
     "optimizer.nsgd.k": "k",
     "optimizer.nsgd.subspace": "sub",
+    "optimizer.sam.rho": "rho",
     "optimizer.schedule.warmup_steps": "wu",
     "optimizer.name": "",
     "model.name": "",

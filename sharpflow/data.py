@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpflow import usersources
+from sharpflow import synthetic, usersources
 from sharpflow.config import FORMAT_VERSION, DatasetConfig, RunConfig
 from sharpflow.errors import DataError, SharpflowError
 from sharpflow.io import atomic_path, read_npz, sha256_file, write_npz, write_text
@@ -142,8 +142,6 @@ def _load_mnist1d(cfg: DatasetConfig, log: Log) -> _Raw:
 
 def _load_synthetic_images(cfg: DatasetConfig, log: Log) -> _Raw:
     """The CIFAR-shaped stand-in (:func:`sharpflow.synthetic.images`), generated from the seed."""
-    from sharpflow import synthetic
-
     log(f"generating synthetic_images (a stand-in, not CIFAR): {cfg.synthetic_train} train + "
         f"{cfg.synthetic_test} test, {cfg.synthetic_classes} classes, seed {cfg.seed}")
     arr = synthetic.images(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.seed)
@@ -158,8 +156,6 @@ def _load_synthetic_images(cfg: DatasetConfig, log: Log) -> _Raw:
 
 def _load_synthetic_text(cfg: DatasetConfig, log: Log) -> _Raw:
     """The PTB-shaped stand-in (:func:`sharpflow.synthetic.tokens`): windows of bptt+1 tokens."""
-    from sharpflow import synthetic
-
     n_eval = max(cfg.bptt + 1, cfg.ptb_train_tokens // 12)
     log(f"generating synthetic_text (a stand-in, not PTB): {cfg.ptb_train_tokens} train tokens, "
         f"vocabulary {cfg.vocab_size}, seed {cfg.seed}")

@@ -63,6 +63,7 @@ from .hessian import HessianOperator, top_eigenpairs
 from .io import write_parquet
 from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn, loss_for
 from .nsgd import NudgedSGD
+from .sam import SAM
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
 #: step, every step) or "train"/"valid"/"test" (full evaluations at checkpoints; "valid" also at
@@ -180,6 +181,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
 
 def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     opt = run.optimizer
+    if opt.name == "sam":
+        assert opt.sam is not None
+        return SAM(model.parameters(), lr=opt.lr, rho=opt.sam.rho, adaptive=opt.sam.adaptive, eta=opt.sam.eta,
+                   momentum=opt.momentum, weight_decay=opt.weight_decay)
     if opt.name == "nsgd":
         assert opt.nsgd is not None
         return NudgedSGD(
@@ -465,14 +470,28 @@ class _Run:
         loss = loss_for(self.run.loss)(out, yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.run.optimizer.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.run.optimizer.grad_clip)
-        self.opt.step()
+        self._clip()
+        if isinstance(self.opt, SAM):
+            self.opt.step(lambda: self._gradient(xb, yb))
+        else:
+            self.opt.step()
         self.metrics.add_batch(out, yb, loss, {
             "run": self.run_name, "step": step, "epoch": step / self.spe, "split": "batch", "loss": math.nan,
             "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
             "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
         })
+
+    def _clip(self) -> None:
+        if self.run.optimizer.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.run.optimizer.grad_clip)
+
+    def _gradient(self, xb: Tensor, yb: Tensor) -> Tensor:
+        """SAM's second gradient: loss and gradients recomputed on the same mini-batch (clipped alike)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = loss_for(self.run.loss)(self.model(xb), yb)
+        loss.backward()
+        self._clip()
+        return loss
 
     def _set_lr(self, step: int) -> float:
         lr = self.sched.lr_at(step)

@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "sharpflow.config": 1,
     # what computes on one run: data, models, checkpoints, nsgd, hessian, results
     "sharpflow.data": 2, "sharpflow.synthetic": 2, "sharpflow.models": 2, "sharpflow.checkpoints": 2,
-    "sharpflow.nsgd": 2, "sharpflow.hessian": 2, "sharpflow.results": 2, "sharpflow.devices": 2,
+    "sharpflow.nsgd": 2, "sharpflow.sam": 2, "sharpflow.hessian": 2, "sharpflow.results": 2, "sharpflow.devices": 2,
     "sharpflow.cost": 2,
     # training, a checkpoint's context, the gradient plumbing
     "sharpflow.train": 3, "sharpflow.analyses.context": 3, "sharpflow.analyses.numerics": 3,
