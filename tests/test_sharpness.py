@@ -1,0 +1,90 @@
+"""Worst-case, average-case and PAC-Bayes sharpness against closed forms on quadratics, and the analysis."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sharpflow.analyses.sharpness_kernels import average_case, pac_bayes_sigma, worst_case
+
+DT = torch.float64
+
+
+def _quadratic(eigs: list[float], seed: int = 0) -> tuple[torch.Tensor, callable]:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen, dtype=DT))
+    a = (q * torch.tensor(eigs, dtype=DT)) @ q.T
+    return a, lambda w: 0.5 * w @ a @ w
+
+
+def test_worst_case_l2_is_rho_squared_lambda_max_over_two():
+    _, loss = _quadratic([5.0, 2.0, 1.0, 0.5, 0.1])
+    rho = 0.3
+    values = worst_case(loss, torch.zeros(5, dtype=DT), rho, steps=60, step_size=0.5,
+                        generator=torch.Generator().manual_seed(1))
+    assert max(values) == pytest.approx(rho**2 * 5.0 / 2, rel=1e-6)
+    assert values[-1] >= values[0]  # the ascent climbs from its random start
+
+
+def test_worst_case_linf_on_a_diagonal_quadratic_is_a_corner():
+    """½δᵀAδ with A diagonal, PSD, over the box |δ_i| ≤ ρ: every corner gives ½ρ² tr(A)."""
+    diag = torch.tensor([3.0, 1.0, 0.5], dtype=DT)
+    rho = 0.2
+    values = worst_case(lambda w: 0.5 * (diag * w * w).sum(), torch.zeros(3, dtype=DT), rho, norm="linf", steps=5,
+                        step_size=1.0, generator=torch.Generator().manual_seed(2))
+    assert max(values) == pytest.approx(0.5 * rho**2 * float(diag.sum()), rel=1e-12)
+
+
+def test_adaptive_worst_case_scales_the_ball_by_the_weights():
+    """‖δ/|w|‖ ≤ ρ around w: L(w + δ) − L(w) for L = ½‖v‖² is the max of wᵀδ + ½‖δ‖² over δ = |w|⊙u,
+    which for w = (c, 0, ...) puts everything on the first coordinate: ρc·c + ½ρ²c²."""
+    w = torch.tensor([2.0, 0.0, 0.0], dtype=DT)
+    rho = 0.1
+    values = worst_case(lambda v: 0.5 * v @ v, w, rho, scale=w.abs() + 0.0, steps=30,
+                        generator=torch.Generator().manual_seed(3))
+    assert max(values) == pytest.approx(rho * 4.0 + 0.5 * rho**2 * 4.0, rel=1e-6)
+
+
+def test_average_case_is_sigma_squared_trace_over_two():
+    eigs = [4.0, 2.0, 1.0, 1.0, 0.5, 0.5]
+    _, loss = _quadratic(eigs, seed=4)
+    sigma = 0.1
+    mean, se = average_case(loss, torch.zeros(6, dtype=DT), sigma, samples=4000,
+                            generator=torch.Generator().manual_seed(5))
+    truth = sigma**2 * sum(eigs) / 2
+    assert abs(mean - truth) < 4 * se and se < 0.05 * truth
+
+
+def test_pac_bayes_bisection_finds_the_crossing():
+    # a drop that rises as σ²: σ′ with σ′² = 0.1, i.e. 0.3162…
+    sigma, width, evals = pac_bayes_sigma(lambda s: s * s, 0.1, lo=1e-4, hi=1.0, tol=0.01)
+    assert sigma <= math.sqrt(0.1) <= sigma * (1 + width) and width <= 0.01 and evals > 3
+    assert pac_bayes_sigma(lambda s: 0.0, 0.1)[0] == 1.0  # flat everywhere: the top of the range
+
+
+def test_sharpness_analysis_on_a_trained_run(tiny_data, tiny_dataset, tmp_path):
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.analyses.sharpness import SharpnessConfig, compute
+    from sharpflow.train import train
+
+    from .conftest import tiny_run
+
+    run = tiny_run()
+    train(run, tiny_dataset, run_name="r", data_dir=tiny_data, out_dir=tmp_path, progress=False, log=lambda *_: None)
+    ck = sorted((tmp_path / "checkpoints").glob("*.pt"))[-1]
+    from sharpflow.data import load_prepared
+
+    ctx = open_checkpoint(run, "r", load_prepared(tiny_data), ck, torch.device("cpu"), log=lambda *_: None)
+    cfg = SharpnessConfig(enabled=True, m=32, batches=3, ascent_steps=4, samples=8, pac_bayes=True, n=64)
+    df = compute(ctx, cfg)["sharpness"]
+    wc = df[df.measure == "worst_case"].iloc[0]
+    ascent = df[df.measure == "worst_case_ascent"].sort_values("iteration")
+    assert wc.value >= ascent.value.max() - 1e-12 and wc.units == 3 and list(ascent.iteration) == list(range(5))
+    assert wc.value > 0 and df[df.measure == "average_case"].value.iloc[0] > 0
+    sig = df[df.measure == "pac_bayes_sigma"].iloc[0]
+    assert 0 < sig.value <= 1.0
+    # more radius, more worst-case sharpness (the same batches and start)
+    wide = compute(ctx, cfg.model_copy(update={"rho": 0.2, "pac_bayes": False}))["sharpness"]
+    assert wide[wide.measure == "worst_case"].value.iloc[0] > wc.value
