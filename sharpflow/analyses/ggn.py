@@ -58,7 +58,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
 
     from ..data import hessian_batches
     from ..hessian import HessianOperator, top_eigenpairs
-    from ..hessian.ggn import GGNOperator, SumOperator
+    from ..hessian.ggn import GGNOperator
     from .context import add_ident, finite
 
     model = ctx.model()
@@ -95,7 +95,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
         overlap = float((vh @ vg.T).square().sum()) / kk
     if cfg.residual:
         h = HessianOperator(model, loss_fn, batches, weight_decay=wd)
-        solve(SumOperator(h, g, 1.0, -1.0), "residual", "LM")  # both carry weight decay: H − G = R
+        solve(h - g, "residual", "LM")  # both carry weight decay: H − G = R
     df = pd.DataFrame(rows)
     df["overlap"] = overlap
     df["outliers"] = outliers([float(x) for x in res_g.eigenvalues])

@@ -1,10 +1,10 @@
 """Preconditioned sharpness of adaptive optimizers (Cohen et al. 2022): the top eigenvalues of
 P^{-1}H at a checkpoint of an Adam or AdamW run, P = diag(sqrt(v̂) + ε) its preconditioner there.
 
-They are those of the symmetric P^{-1/2} H P^{-1/2} (:class:`~sharpflow.hessian.ggn.ScaledOperator`
-over the spectrum's Hessian: the run's Hessian subset, weight decay, eval mode), certified like the
-spectrum. Adam is stable on a quadratic while λ_1(P^{-1}H) < (2 + 2β₁)/(η(1 − β₁)) (38/η at
-β₁ = 0.9), the threshold Cohen et al. find it settles at.
+They are those of the symmetric P^{-1/2} H P^{-1/2} (``D @ h @ D`` with D = P^{-1/2} a
+:class:`~sharpflow.hessian.DiagonalOperator`, h the spectrum's Hessian: the run's Hessian subset,
+weight decay, eval mode), certified like the spectrum. Adam is stable on a quadratic while
+λ_1(P^{-1}H) < (2 + 2β₁)/(η(1 − β₁)) (38/η at β₁ = 0.9), the threshold Cohen et al. find it settles at.
 
 Table ``runs/{run}/precond/step*.parquet``: one row per rank: ``eigenvalue`` (of P^{-1}H),
 ``residual``, ``rel_residual``, ``converged``, ``matvecs``, ``seconds``, ``threshold``
@@ -50,8 +50,7 @@ def adam_threshold(lr: float, beta1: float) -> float:
 def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
-    from ..hessian import top_eigenpairs
-    from ..hessian.ggn import ScaledOperator
+    from ..hessian import DiagonalOperator, top_eigenpairs
     from .context import add_ident, finite
 
     opt = ctx.run.optimizer
@@ -72,7 +71,8 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
         return {"precond": df}
     n = cfg.n or len(ctx.data.hessian_idx)
     h = ctx.hessian(model, n)
-    op = ScaledOperator(h, pre.double().rsqrt().to(h.dtype))
+    d = DiagonalOperator(pre.double().rsqrt().to(dtype=h.dtype, device=h.device))  # P^{-1/2}
+    op = d @ h @ d
     t0 = time.perf_counter()
     res = top_eigenpairs(op, k=cfg.k, tol=cfg.tol, seed=ctx.step)
     secs = time.perf_counter() - t0

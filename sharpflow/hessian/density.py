@@ -37,9 +37,9 @@ from .operators import LinearOperator
 _FLOAT64_BASIS = 2**27
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpectralDensity:
-    """SLQ nodes and weights per probe, and what they cost.
+    """SLQ nodes and weights per probe, and what they cost (frozen: fields cannot be reassigned).
 
     Attributes:
         nodes: (P, m) float64, each probe's quadrature nodes (eigenvalues of its T_m), ascending;

@@ -21,12 +21,20 @@ def _probes(op: LinearOperator, m: int, gen: torch.Generator, kind: str) -> Tens
 
 
 class FrobeniusEstimate(NamedTuple):
-    """‖H‖_F from probes: the estimate, its delta-method standard error and a confidence interval."""
+    """‖H‖_F from probes: the estimate, its delta-method standard error and a confidence interval
+    (a named tuple: immutable, and it unpacks as ``est, se, lower, upper``)."""
 
     estimate: float
     se: float
     lower: float
     upper: float
+
+
+class TraceEstimate(NamedTuple):
+    """tr(H) from probes and its standard error (a named tuple: immutable, and it unpacks as ``est, se``)."""
+
+    estimate: float
+    se: float
 
 
 def frobenius_interval(mean_sq: float, probes: int, level: float = 0.95) -> tuple[float, float]:
@@ -73,7 +81,7 @@ def frobenius_norm(op: LinearOperator, probes: int = 20, seed: int = 0, level: f
     return FrobeniusEstimate(est, se_mean / (2 * est) if est > 0 else 0.0, lower, upper)
 
 
-def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hutchpp") -> tuple[float, float]:
+def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hutchpp") -> TraceEstimate:
     """tr(H) by Hutchinson's estimator or Hutch++ (Meyer et al. 2021), Rademacher probes.
 
     Hutch++ spends a third of the products on a sketch S, takes Q = orth(H S), computes tr(QᵀHQ)
@@ -81,8 +89,8 @@ def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hu
     variance when a few eigenvalues dominate, as for a network's Hessian.
 
     Returns:
-        (estimate, standard error); the error is that of the Hutchinson part (the exact part
-        given Q adds none). Costs ``probes`` products.
+        :class:`TraceEstimate` (estimate, se); the error is that of the Hutchinson part (the exact
+        part given Q adds none). Units: those of H. Costs ``probes`` products.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if method == "hutchinson":
@@ -90,7 +98,7 @@ def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hu
             raise ValueError("need at least 2 probes for a standard error")
         z = _probes(op, probes, gen, "rademacher")
         t = (z.double() * op.matvec(z).double()).sum(dim=0)
-        return float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(probes)
+        return TraceEstimate(float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(probes))
     if method != "hutchpp":
         raise ValueError(f"method must be 'hutchpp' or 'hutchinson', got {method!r}")
     sketch = probes // 3
@@ -104,4 +112,7 @@ def trace(op: LinearOperator, probes: int = 20, seed: int = 0, method: str = "hu
     g = _probes(op, rest, gen, "rademacher").double()
     g = g - q @ (q.T @ g)
     t = (g * op.matvec(g.to(dtype=s.dtype)).double()).sum(dim=0)
-    return exact + float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(rest)
+    return TraceEstimate(exact + float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(rest))
+
+
+__all__ = ["FrobeniusEstimate", "TraceEstimate", "frobenius_interval", "frobenius_norm", "trace"]

@@ -1,4 +1,4 @@
-"""The generalised Gauss-Newton matrix of the mean cross-entropy (or square loss), and sums of operators.
+"""The generalised Gauss-Newton matrix of the mean cross-entropy (or square loss).
 
 For logits z_n(θ) of example n and the softmax p_n, the Hessian of the mean cross-entropy splits as
 H = G + R with G = (1/N) Σ_n J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n, J_n = ∂z_n/∂θ, and R the part from
@@ -8,17 +8,16 @@ classes, come from the class means and make the outliers of H's spectrum. For th
 ½‖z_n − y_n‖² (``loss="mse"``) the Hessian in the outputs is the identity: G = (1/N) Σ_n J_nᵀJ_n.
 
 :class:`GGNOperator` applies G (+ weight_decay·I, as the Hessian operator adds it) with the same data
-handling as :class:`~sharpflow.hessian.operators.HessianOperator`: the model deep-copied and in
-eval mode, exact weighting of every example (every token for a language model), optional
-re-chunking. A product is a forward-mode pass (J v), the softmax Hessian applied per example, and a
-backward pass (Jᵀu) whose forward is kept per chunk. :class:`SumOperator` forms αA + βB, e.g. the
-residual H − G; :class:`ScaledOperator` forms D A D, e.g. Adam's preconditioned Hessian
-P^{-1/2} H P^{-1/2}.
+handling as :class:`~sharpflow.hessian.operators.HessianOperator` (both are a
+:class:`~sharpflow.hessian.base.CurvatureOperator`): the model deep-copied and in eval mode, exact
+weighting of every example (every token for a language model), optional re-chunking. A product is a
+forward-mode pass (J v), the softmax Hessian applied per example, and a backward pass (Jᵀu) whose
+forward is kept per chunk, one vector of a block at a time. The residual H − G is ``h - g`` in the
+operator algebra of :mod:`sharpflow.hessian.base` (both carry the weight decay, so it cancels).
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,12 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
-from sharpflow.params import buffers, flatten, trainable, unflatten
+from sharpflow.params import flatten, unflatten
 
-from .operators import LinearOperator
+from .base import CurvatureOperator
 
 
-class GGNOperator:
+class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix of the mean cross-entropy (``loss="mse"``: of the mean
     square loss ½‖z − onehot(y)‖²) over N fixed examples.
 
@@ -48,7 +47,8 @@ class GGNOperator:
         loss: "cross_entropy" (softmax Hessian diag(p) − ppᵀ in the outputs) or "mse" (identity).
 
     Attributes:
-        dim, dtype, device: as for every :class:`~sharpflow.hessian.operators.LinearOperator`.
+        dim, dtype, device: D, and θ's dtype and device, as for every
+            :class:`~sharpflow.hessian.base.CurvatureOperator`.
         num_targets: the number of cross-entropy terms averaged (examples, or tokens).
         matvecs: products done so far (a block of m counts m).
     """
@@ -59,61 +59,38 @@ class GGNOperator:
         if loss not in ("cross_entropy", "mse"):
             raise ValueError(f"unknown loss {loss!r}; the GGN knows 'cross_entropy' and 'mse'")
         self.loss = loss
-        if not batches:
-            raise ValueError("need at least one batch")
-        self._model = copy.deepcopy(model)
-        self._model.train(not eval_mode)
-        self._like = {n: p.detach().clone() for n, p in trainable(self._model).items()}
-        if not self._like:
-            raise ValueError("the model has no trainable parameters")
-        self._bufs = buffers(self._model)
-        first = next(iter(self._like.values()))
-        self.dtype: torch.dtype = first.dtype
-        self.device: torch.device = first.device
-        self.dim: int = sum(p.numel() for p in self._like.values())
+        super().__init__(model, batches, eval_mode=eval_mode, chunk_size=chunk_size)
         self.weight_decay = float(weight_decay)
-        xs = [x.to(self.device) for x, _ in batches]
-        ys = [y.to(self.device) for _, y in batches]
-        if chunk_size is not None:
-            if chunk_size < 1:
-                raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-            xs, ys = list(torch.cat(xs).split(chunk_size)), list(torch.cat(ys).split(chunk_size))
-        self._chunks = [(x, y) for x, y in zip(xs, ys, strict=True) if x.shape[0] > 0]
-        self.num_targets: int = sum(int(y.numel()) for _, y in self._chunks)
+        self.num_targets: int = sum(int(y.numel()) for _, y in self._data)
         if self.num_targets == 0:
             raise ValueError("the batches hold no examples")
         self._cache = cache
         self._primal: list[tuple[Tensor, Callable[..., Any], torch.Size]] | None = None
-        self.matvecs = 0
 
     def _logits(self, x: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
-        return lambda params: functional_call(self._model, {**params, **self._bufs}, (x,))
+        return lambda params: functional_call(self._model, {**params, **self._buffers}, (x,))
 
     def _primals(self) -> list[tuple[Tensor, Callable[..., Any], torch.Size]]:
         """Per chunk: the softmax probabilities (as (targets, C)), the vjp function, the logits' shape."""
         if self._primal is not None:
             return self._primal
         out = []
-        for x, _ in self._chunks:
+        for x, _ in self._data:
             z, back = vjp(self._logits(x), self._like)
             out.append((torch.softmax(z.detach().reshape(-1, z.shape[-1]), dim=-1), back, z.shape))
         if self._cache:
             self._primal = out
         return out
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """(D,) -> (D,) or (D, m) -> (D, m): G v (+ weight_decay · v)."""
-        if v.ndim not in (1, 2) or v.shape[0] != self.dim:
-            raise ValueError(f"expected shape ({self.dim},) or ({self.dim}, m), got {tuple(v.shape)}")
-        single = v.ndim == 1
-        block = (v[:, None] if single else v).to(dtype=self.dtype, device=self.device)
+    def _matmat(self, block: Tensor) -> Tensor:
+        """G V for a (D, m) block (+ weight_decay · V)."""
         out = torch.empty_like(block)
         primals = self._primals()
         for j in range(block.shape[1]):
             col = block[:, j]
             tangent = unflatten(col, self._like)
             acc = torch.zeros_like(col)
-            for (x, _), (p, back, shape) in zip(self._chunks, primals, strict=True):
+            for (x, _), (p, back, shape) in zip(self._data, primals, strict=True):
                 with warnings.catch_warnings():
                     # forward mode loads torch's jvp decompositions, whose import warns that
                     # torch.jit.script is deprecated: torch's internals (as in .tracing)
@@ -128,42 +105,7 @@ class GGNOperator:
                 (g,) = back(u.reshape(shape))
                 acc += flatten(g)
             out[:, j] = acc + self.weight_decay * col if self.weight_decay else acc
-        self.matvecs += block.shape[1]
-        return out[:, 0] if single else out
+        return out
 
 
-class SumOperator:
-    """α·A + β·B for two operators of the same dimension (e.g. the residual H − G: α=1, β=−1)."""
-
-    def __init__(self, a: LinearOperator, b: LinearOperator, alpha: float = 1.0, beta: float = 1.0) -> None:
-        if a.dim != b.dim:
-            raise ValueError(f"dimensions differ: {a.dim} and {b.dim}")
-        self.a, self.b, self.alpha, self.beta = a, b, float(alpha), float(beta)
-        self.dim, self.dtype, self.device = a.dim, a.dtype, a.device
-        self.matvecs = 0
-
-    def matvec(self, v: Tensor) -> Tensor:
-        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
-        return self.alpha * self.a.matvec(v) + self.beta * self.b.matvec(v).to(dtype=self.dtype, device=self.device)
-
-
-class ScaledOperator:
-    """D A D for a diagonal D given as a vector d: with d = P^{-1/2}, the symmetric form of P^{-1}A
-    (same eigenvalues; eigenvectors u of DAD give P^{-1}A's as D u)."""
-
-    def __init__(self, a: LinearOperator, d: Tensor) -> None:
-        if d.shape != (a.dim,):
-            raise ValueError(f"the scaling has shape {tuple(d.shape)}, the operator dimension {a.dim}")
-        self.a = a
-        self.d = d.to(dtype=a.dtype, device=a.device)
-        self.dim, self.dtype, self.device = a.dim, a.dtype, a.device
-        self.matvecs = 0
-
-    def matvec(self, v: Tensor) -> Tensor:
-        v = v.to(dtype=self.dtype, device=self.device)
-        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
-        d = self.d if v.ndim == 1 else self.d[:, None]
-        return d * self.a.matvec(d * v)
-
-
-__all__ = ["GGNOperator", "ScaledOperator", "SumOperator"]
+__all__ = ["GGNOperator"]

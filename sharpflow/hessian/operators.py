@@ -1,4 +1,8 @@
-"""Symmetric linear operators: the protocol the solvers use, a dense matrix, and the Hessian.
+"""The protocol the solvers use, a dense matrix, and the Hessian of the mean training loss.
+
+:class:`LinearOperator` is all the solvers and estimators need (``dim``, ``dtype``, ``device`` and
+``matvec``), so any object with those works, subclass of :class:`~sharpflow.hessian.base.Operator`
+or not. :class:`DenseOperator` wraps a matrix (tests, users with an explicit Hessian).
 
 :class:`HessianOperator` is the Hessian of the mean training loss over N fixed examples, in the
 flat parameter coordinates of :mod:`sharpflow.params`. It is fixed (θ and the N examples do not
@@ -9,26 +13,29 @@ change), so by default it pays for the primal computation once and keeps it (``c
 - or a trace of forward-over-reverse split into a primal program (run once per chunk, its
   values kept) and a tangent program (:mod:`sharpflow.hessian.tracing`), after which a product
   only pushes tangents. This is the cheaper product, but the trace is made once per chunk shape,
-  a fixed cost, so ``method="auto"`` starts with double backward and moves to the traced program
-  only when a product is slow enough for the tracing to pay for itself.
+  a fixed cost, so ``method="auto"`` uses it only on the CPU and only when the problem is large
+  (parameters × examples ≥ 5e7, ``_TRACE_ABOVE_WORK``); otherwise cached double backward. The
+  choice depends on the problem's size, never on a clock.
 
 A product that redoes the forward and backward pass every time, as an ARPACK loop over a plain
 HVP does, costs more than either. Blocks (``vmap`` over tangents, ``is_grads_batched``) were
-slower than a loop over the vectors on CPU. Measured costs: see README, Benchmarks.
+slower than a loop over the vectors on CPU, so the cached products loop over a block's vectors.
+Measured costs: ``docs/measured/benchmarks.md``.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
 
-from sharpflow.params import LossFn, buffers, flatten, loss_of_params, trainable, unflatten
+from sharpflow.params import LossFn, flatten, loss_of_params, unflatten
 
+from .base import CurvatureOperator, Operator
 from .tracing import TangentProgram, _tangent_programs
 
 _METHODS = ("fwd_rev", "double_backward")
@@ -55,15 +62,17 @@ class LinearOperator(Protocol):
     dtype: torch.dtype
     device: torch.device
 
-    def matvec(self, v: Tensor) -> Tensor: ...
+    def matvec(self, v: Tensor) -> Tensor:
+        """(D,) -> (D,) or (D, m) -> (D, m), in ``dtype`` on ``device``."""
+        ...
 
 
-class DenseOperator:
-    """A symmetric matrix as an operator: for tests, and for users with an explicit Hessian.
+class DenseOperator(Operator):
+    """A matrix as an operator: for tests, and for users with an explicit Hessian.
 
     Args:
-        matrix: (D, D) symmetric tensor. Only its symmetric part is used by the solvers' theory;
-            it is applied as given.
+        matrix: (D, D) tensor, symmetric for the solvers' theory; it is applied as given
+            (``matrix @ v``), and :meth:`adjoint` is its transpose.
 
     Attributes:
         matrix: the tensor given.
@@ -74,20 +83,18 @@ class DenseOperator:
     def __init__(self, matrix: Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"need a square matrix, got shape {tuple(matrix.shape)}")
+        super().__init__(int(matrix.shape[0]), matrix.dtype, matrix.device)
         self.matrix = matrix
-        self.dim: int = int(matrix.shape[0])
-        self.dtype: torch.dtype = matrix.dtype
-        self.device: torch.device = matrix.device
-        self.matvecs = 0
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """(D,) -> (D,) or (D, m) -> (D, m); a block of m counts as m products."""
-        v = v.to(dtype=self.dtype, device=self.device)
-        self.matvecs += 1 if v.ndim == 1 else int(v.shape[1])
+    def _apply(self, v: Tensor) -> Tensor:
         return self.matrix @ v
 
+    def adjoint(self) -> Operator:
+        """The transpose, as a :class:`DenseOperator` (the operator itself if the matrix is symmetric)."""
+        return self if torch.equal(self.matrix, self.matrix.T) else DenseOperator(self.matrix.T)
 
-class HessianOperator:
+
+class HessianOperator(CurvatureOperator):
     """Hessian of the mean training loss over a fixed set of N examples (+ weight_decay/2 · ‖θ‖²).
 
     The loss is L(θ) = Σ_b n_b · loss_fn(model(x_b), y_b) / N + weight_decay/2 · ‖θ‖², i.e. every
@@ -151,42 +158,17 @@ class HessianOperator:
             method = "double_backward"
         if method not in _METHODS:
             raise ValueError(f"method must be one of {(*_METHODS, 'auto')}, got {method!r}")
-        if not batches:
-            raise ValueError("need at least one batch")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        super().__init__(model, batches, eval_mode=eval_mode, chunk_size=chunk_size)
         self.method = method
         self.weight_decay = float(weight_decay)
-
-        # A private copy: its mode can be set and BatchNorm buffers can change without touching
-        # the user's model.
-        self._model = copy.deepcopy(model)
-        self._model.train(not eval_mode)
-        self._like = {n: p.detach().clone() for n, p in trainable(self._model).items()}
-        if not self._like:
-            raise ValueError("the model has no trainable parameters")
-        first = next(iter(self._like.values()))
-        self.dtype: torch.dtype = first.dtype
-        self.device: torch.device = first.device
-        self.dim: int = sum(p.numel() for p in self._like.values())
         self._theta = flatten(self._like)
         self._loss = loss_of_params(self._model, loss_fn)
-        # Buffers are read by loss_of_params as constants; keep a handle so they are not collected.
-        self._buffers = buffers(self._model)
-
-        xs = [x.to(self.device) for x, _ in batches]
-        ys = [y.to(self.device) for _, y in batches]
-        self.num_examples: int = sum(int(x.shape[0]) for x in xs)
+        self.num_examples: int = sum(int(x.shape[0]) for x, _ in self._data)
         if self.num_examples == 0:
             raise ValueError("the batches hold no examples")
-        if chunk_size is not None:
-            xs = list(torch.cat(xs).split(chunk_size))
-            ys = list(torch.cat(ys).split(chunk_size))
         # Each chunk's mean loss enters with weight n_c / N: exact example weighting.
-        self._chunks: list[tuple[Tensor, Tensor, float]] = [
-            (x, y, x.shape[0] / self.num_examples) for x, y in zip(xs, ys, strict=True) if x.shape[0] > 0
-        ]
-        self.matvecs: int = 0
+        self._chunks: list[tuple[Tensor, Tensor, float]] = [(x, y, x.shape[0] / self.num_examples)
+                                                             for x, y in self._data]
         self._graphs: list[_GradGraph] | None = None
         self._programs: list[TangentProgram] | None = None
 
@@ -195,18 +177,9 @@ class HessianOperator:
         """Fresh leaf tensors holding θ, so each chunk's graph is independent."""
         return {n: p.detach().requires_grad_(True) for n, p in self._like.items()}
 
-    def _as_block(self, v: Tensor) -> tuple[Tensor, bool]:
-        if v.ndim not in (1, 2) or v.shape[0] != self.dim:
-            raise ValueError(f"expected shape ({self.dim},) or ({self.dim}, m), got {tuple(v.shape)}")
-        single = v.ndim == 1
-        v = v.to(dtype=self.dtype, device=self.device)
-        return (v[:, None] if single else v), single
-
-    # -- public API ----------------------------------------------------------------------------
-    def matvec(self, v: Tensor) -> Tensor:
-        """H v for a (D,) vector, or H V for a (D, m) block (m products); same shape out."""
-        block, single = self._as_block(v)
-        m = block.shape[1]
+    # -- products ------------------------------------------------------------------------------
+    def _matmat(self, block: Tensor) -> Tensor:
+        """H V for a (D, m) block; (+ weight_decay · V)."""
         rows = block.T.contiguous()  # (m, D): one row per vector, contiguous for unflatten
         out = torch.zeros_like(rows)
         with torch.enable_grad():
@@ -216,9 +189,7 @@ class HessianOperator:
                 self._matvec_uncached(rows, out)
         if self.weight_decay:
             out.add_(rows, alpha=self.weight_decay)
-        self.matvecs += m
-        out = out.T
-        return out[:, 0] if single else out
+        return out.T
 
     def _matvec_cached(self, rows: Tensor, out: Tensor) -> None:
         """Products with the kept per-chunk state (traced programs or gradient graphs) into ``out``."""
@@ -270,7 +241,7 @@ class HessianOperator:
                 f"HessianOperator: tracing forward-over-reverse failed ({type(err).__name__}: {err}); "
                 "using cached double backward instead",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of matvec, past Operator.matvec, _apply, _matmat, _matvec_cached
             )
             self.method = "double_backward"
             return False
@@ -312,8 +283,6 @@ class HessianOperator:
 
     def _hvp_fwd_rev(self, rows: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Uncached forward-over-reverse for one chunk: ``jvp`` of ``grad``, ``vmap``ped over a block."""
-        from torch.func import grad, jvp, vmap
-
         params = {n: p.detach() for n, p in self._like.items()}
         grad_fn = grad(lambda p: self._loss(p, x, y))
 
@@ -355,3 +324,6 @@ class HessianOperator:
         if self.weight_decay:
             total += 0.5 * self.weight_decay * float(self._theta.double().square().sum())
         return total
+
+
+__all__ = ["DenseOperator", "HessianOperator", "LinearOperator"]

@@ -4,7 +4,7 @@ The default solver is thick-restart Lanczos (Krylov-Schur style) with full reort
 block capable, with explicit Rayleigh-Ritz over stored products W = H V. Keeping W makes every
 reported residual ‖Hu − λu‖ a true residual, computed from actual operator products by linearity
 (u = V s, Hu = W s), at no extra product. On CNN Hessians single-vector Lanczos needed the fewest
-products (blocks needed more; see README, Benchmarks), so it is the default; its advantage over
+products (blocks needed more; see ``docs/measured/benchmarks.md``), so it is the default; its advantage over
 ARPACK (``backend="arpack"``, also available) is mostly the cheaper product of
 :class:`~sharpflow.hessian.operators.HessianOperator` and checking convergence every step.
 """
@@ -28,9 +28,9 @@ _DROP_TOL = 1e-10  # columns with less than this fraction of their norm left are
 _GRAM_FLOOR = 1e-6  # below this relative residual, sᵀGs − θ² is cancellation noise: check vectors
 
 
-@dataclass
+@dataclass(frozen=True)
 class EigenResult:
-    """Top eigenpairs with their certificates.
+    """Top eigenpairs with their certificates (frozen: its fields cannot be reassigned).
 
     Rows are ordered by the ``which`` criterion, best first: algebraically descending for "LA",
     by magnitude descending for "LM". Eigenvalues are always signed.
@@ -478,3 +478,6 @@ def _arpack(
             stacklevel=3,
         )
     return lam, vecs_t.to(dtype), res, rel, conv, count
+
+
+__all__ = ["EigenResult", "top_eigenpairs"]
