@@ -112,3 +112,25 @@ def test_precond_analysis_against_the_dense_preconditioned_hessian(tiny_data, ti
     sgd = open_checkpoint(tiny_run(), "r", data, tmp_path / "checkpoints" / "step00000040.pt", torch.device("cpu"))
     with pytest.raises(SharpflowError, match="Adam or AdamW"):
         precond(sgd, PrecondConfig(enabled=True))
+
+
+def test_adamw_preconditioned_sharpness_leaves_out_the_decoupled_decay(tiny_data, tiny_dataset, tmp_path) -> None:
+    """AdamW's decay is not in the loss it preconditions: λ(P⁻¹H) of the loss alone (dense truth), not
+    of H + wd·I, whose tiny-gradient coordinates would give eigenvalues near wd/ε."""
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.analyses.precond import PrecondConfig
+    from sharpflow.analyses.precond import compute as precond
+    from sharpflow.data import hessian_batches, load_prepared
+
+    from .test_hessian import dense_hessian
+
+    run = tiny_run(optimizer__name="adamw", optimizer__lr=0.01, optimizer__weight_decay=0.1)
+    train(run, tiny_dataset, run_name="r", data_dir=tiny_data, out_dir=tmp_path, progress=False, log=_quiet)
+    data = load_prepared(tiny_data)
+    ctx = open_checkpoint(run, "r", data, tmp_path / "checkpoints" / "step00000040.pt", torch.device("cpu"), log=_quiet)
+    df = precond(ctx, PrecondConfig(enabled=True, k=1, tol=1e-6))["precond"]
+    batches = [(x.double(), y) for x, y in hessian_batches(data, len(data.hessian_idx))]
+    h = dense_hessian(ctx.model().double(), batches, weight_decay=0.0)
+    p = ctx.checkpoint["precond"].double()
+    truth = np.sort(np.linalg.eigvals((torch.diag(1 / p) @ h).numpy()).real)[::-1][:1]
+    np.testing.assert_allclose(df["eigenvalue"].to_numpy(), truth, rtol=1e-3)

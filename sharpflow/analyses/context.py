@@ -72,12 +72,12 @@ class CheckpointContext:
         """The identifying columns of the checkpoint's table rows (:func:`add_ident`)."""
         return {"run": self.run_name, "step": self.step, "epoch": self.epoch, "status": self.status}
 
-    def hessian(self, model: nn.Module, n: int | None = None) -> Any:
-        """The Hessian operator of the run's loss (weight decay included) at ``model`` over the first
-        ``n`` examples of the Hessian subset (None: all of it)."""
+    def hessian(self, model: nn.Module, n: int | None = None, *, weight_decay: float | None = None) -> Any:
+        """The Hessian operator of the run's loss at ``model`` over the first ``n`` examples of the
+        Hessian subset (None: all of it), with the run's weight decay (or ``weight_decay``)."""
         n = n or len(self.data.hessian_idx)
-        return HessianOperator(model, self.loss_fn, hessian_batches(self.data, n),
-                               weight_decay=self.run.optimizer.weight_decay)
+        wd = self.run.optimizer.weight_decay if weight_decay is None else weight_decay
+        return HessianOperator(model, self.loss_fn, hessian_batches(self.data, n), weight_decay=wd)
 
     @property
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

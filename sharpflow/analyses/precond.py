@@ -3,8 +3,9 @@ P^{-1}H at a checkpoint of an Adam or AdamW run, P = diag(sqrt(v̂) + ε) its pr
 
 They are those of the symmetric P^{-1/2} H P^{-1/2} (``D @ h @ D`` with D = P^{-1/2} a
 :class:`~sharpflow.hessian.DiagonalOperator`, h the spectrum's Hessian: the run's Hessian subset,
-weight decay, eval mode), certified like the spectrum. Adam is stable on a quadratic while
-λ_1(P^{-1}H) < (2 + 2β₁)/(η(1 − β₁)) (38/η at β₁ = 0.9), the threshold Cohen et al. find it settles at.
+Adam's L2 weight decay but not AdamW's decoupled one, eval mode), certified like the spectrum. Adam
+is stable on a quadratic while λ_1(P^{-1}H) < (2 + 2β₁)/(η(1 − β₁)) (38/η at β₁ = 0.9), the
+threshold Cohen et al. find it settles at.
 
 Table ``runs/{run}/precond/step*.parquet``: one row per rank: ``eigenvalue`` (of P^{-1}H),
 ``residual``, ``rel_residual``, ``converged``, ``matvecs``, ``seconds``, ``threshold``
@@ -70,7 +71,10 @@ def compute(ctx: CheckpointContext, cfg: PrecondConfig) -> dict[str, pd.DataFram
         add_ident(df, ident if pre is None else {**ident, "status": "diverged"})
         return {"precond": df}
     n = cfg.n or len(ctx.data.hessian_idx)
-    h = ctx.hessian(model, n)
+    # AdamW's decay is decoupled: it acts on θ directly, unpreconditioned, and is not part of the loss
+    # whose preconditioned sharpness is measured (with it, a coordinate whose gradients are ~0 would
+    # give λ ≈ weight_decay/ε). Adam's L2 decay is part of the gradient it preconditions: kept.
+    h = ctx.hessian(model, n, weight_decay=0.0 if opt.name == "adamw" else None)
     d = DiagonalOperator(pre.double().rsqrt().to(dtype=h.dtype, device=h.device))  # P^{-1/2}
     op = d @ h @ d
     t0 = time.perf_counter()
@@ -91,6 +95,6 @@ ANALYSIS = Analysis(
     config=PrecondConfig,
     compute=compute,
     select=strided,
-    format_version=1,
+    format_version=2,
     summary="Adam's preconditioned sharpness λ(P^{-1}H) against (2+2β1)/(η(1−β1)) (off by default)",
 )
