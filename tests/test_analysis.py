@@ -1,4 +1,5 @@
-"""Tests for sharpflow.analyses.numerics against closed forms on an exact quadratic and plain autograd loops."""
+"""Tests of the projected-gradient kernels (sharpflow.analyses.gradients, .project_kernels, .escape_kernel)
+against closed forms on an exact quadratic and plain autograd loops."""
 
 from __future__ import annotations
 
@@ -12,8 +13,39 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sharpflow.analyses import numerics as an
+from sharpflow.analyses import escape_kernel, gradients, project_kernels
+from sharpflow.analyses.project import ProjectConfig
 from sharpflow.params import flat_params, set_flat_params
+
+
+class _Kernels:
+    """The three kernel modules under one name, with the project config's grids as the defaults the
+    analysis passes (the kernels themselves take them from the caller)."""
+
+    DEFAULT_KS = tuple(sorted(ProjectConfig().cross_ks))
+    DEFAULT_MULTIPLIERS = tuple(ProjectConfig().multipliers)
+    DEFAULT_THRESHOLDS = tuple(ProjectConfig().width_thresholds)
+
+    def __getattr__(self, name: str):
+        for module in (gradients, project_kernels, escape_kernel):
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+    def cross_sections(self, *args, ks=None, **kw):
+        if len(args) < 7:
+            kw["ks"] = self.DEFAULT_KS if ks is None else ks
+        return project_kernels.cross_sections(*args, **kw)
+
+    def cross_section_widths(self, df, thresholds=None):
+        return project_kernels.cross_section_widths(df, self.DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+
+    def decomposed_step(self, *args, multipliers=None, **kw):
+        return project_kernels.decomposed_step(
+            *args, multipliers=self.DEFAULT_MULTIPLIERS if multipliers is None else multipliers, **kw)
+
+
+an = _Kernels()
 
 D = 6
 LAMBDAS = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
@@ -102,7 +134,7 @@ def _autograd_grad(model: nn.Module, loss_fn, theta: Tensor, x: Tensor, y: Tenso
 @pytest.mark.parametrize("sizes", [[8] * 5, [8, 8, 5, 8, 3, 5]])
 @pytest.mark.parametrize("vectorise", [False, True])
 def test_batch_gradients_match_autograd_loop(sizes: list[int], conv: bool, vectorise: bool, monkeypatch) -> None:
-    monkeypatch.setattr(an, "VMAP", vectorise)  # both the vmap and the plain-loop paths
+    monkeypatch.setattr(gradients, "VMAP", vectorise)  # both the vmap and the plain-loop paths
     model, loss_fn, batches = _mlp_setup(sizes, conv=conv)
     theta = flat_params(model)
     before = theta.clone()
@@ -128,7 +160,7 @@ def test_full_gradient_exact_weighting_uneven_batches() -> None:
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("vectorise", [False, True])
 def test_loss_at_matches_per_theta_evaluation(conv: bool, vectorise: bool, monkeypatch) -> None:
-    monkeypatch.setattr(an, "VMAP", vectorise)
+    monkeypatch.setattr(gradients, "VMAP", vectorise)
     model, loss_fn, batches = _mlp_setup([8, 8, 5, 8, 3], conv=conv)
     gen = torch.Generator().manual_seed(3)
     thetas = flat_params(model) + 0.3 * torch.randn(5, flat_params(model).numel(), generator=gen,
@@ -161,7 +193,7 @@ class _NotVmappable(nn.Module):
 
 
 def test_vmap_fallback_loop_gives_same_numbers(monkeypatch) -> None:
-    monkeypatch.setattr(an, "VMAP", True)  # ask for vmap; the model cannot be vmapped
+    monkeypatch.setattr(gradients, "VMAP", True)  # ask for vmap; the model cannot be vmapped
     torch.manual_seed(0)
     model = _NotVmappable()
     _, loss_fn, batches = _mlp_setup([6, 6, 6])

@@ -74,7 +74,7 @@ def spectrum_table(run: str, lr: float, diverge_at: int | None = None, k: int = 
 
 
 def alignment_table(run: str, lr: float, diverge_at: int | None = None) -> pd.DataFrame:
-    """Columns of sharpflow.analyses.numerics.alignment plus run/step/epoch/status."""
+    """Columns of sharpflow.analyses.project_kernels.alignment plus run/step/epoch/status."""
     rng = np.random.default_rng(1)
     rows = []
     for step in CHECKPOINTS[::2]:

@@ -40,7 +40,7 @@ LAYERS: dict[str, int] = {
     "sharpflow.nsgd": 2, "sharpflow.sam": 2, "sharpflow.hessian": 2, "sharpflow.results": 2, "sharpflow.devices": 2,
     "sharpflow.cost": 2,
     # training, a checkpoint's context, the gradient plumbing
-    "sharpflow.train": 3, "sharpflow.analyses.context": 3, "sharpflow.analyses.numerics": 3,
+    "sharpflow.train": 3, "sharpflow.analyses.context": 3,
     "sharpflow.analyses.gradients": 3,
     # one module per kind: analyses (with their kernels, beside them), claims, figures, tables
     "sharpflow.analyses": 4, "sharpflow.claims": 4, "sharpflow.figures": 4, "sharpflow.tables": 4,

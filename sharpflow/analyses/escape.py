@@ -13,7 +13,7 @@ step on (augmented as in training), the learning rate in force at the checkpoint
 applied), and the model is in eval mode (BatchNorm's running statistics, no dropout).
 
 Table ``runs/{run}/escape/step*.parquet`` (step = the checkpoint started from): one
-:func:`sharpflow.analyses.numerics.escape_ablation` per mode. Rows: step (iterations from the
+:func:`sharpflow.analyses.escape_kernel.escape_ablation` per mode. Rows: step (iterations from the
 checkpoint), loss (on a fixed subset), lambda_max, mode, factor, lr, e1_coord, dist_from_start,
 diverged, refresh_every (0: never), momentum, weight_decay, plus run, start_step (the
 checkpoint), epoch, status.
@@ -87,7 +87,8 @@ def compute(ctx: CheckpointContext, cfg: EscapeConfig) -> dict[str, pd.DataFrame
     from ..params import flat_params, set_flat_params
     from ..train import DataOrder
     from .context import add_ident
-    from .numerics import batches_of, escape_ablation
+    from .escape_kernel import escape_ablation
+    from .gradients import batches_of
 
     assert ctx.eigvecs is not None, "escape needs the checkpoint's eigenvectors"
     device, run = ctx.device, ctx.run

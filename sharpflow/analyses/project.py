@@ -2,16 +2,16 @@
 
 Tables, each under ``runs/{run}/project/{kind}/step*.parquet``:
 
-- ``alignment``: :func:`sharpflow.analyses.numerics.alignment` over ``alignment_batches`` random
+- ``alignment``: :func:`sharpflow.analyses.project_kernels.alignment` over ``alignment_batches`` random
   mini-batches at the run's batch size and the full-batch gradient (whole training set), against
   the top ``k`` eigenvectors and ``random_directions`` random ones; extra columns ``dim`` (D) and
   ``random_baseline`` (sqrt(2/(πD)));
-- ``cross_sections``: :func:`~sharpflow.analyses.numerics.cross_sections` along e_i for i in
+- ``cross_sections``: :func:`~sharpflow.analyses.project_kernels.cross_sections` along e_i for i in
   ``cross_directions`` (those ≤ k) and one random direction, k in ``cross_ks`` in units of the
   typical projected step s_i = η·mean|gᵀe_i| over ``grad_batches`` mini-batches, loss on a fixed
   seeded subset of ``subset`` training examples;
-- ``widths``: :func:`~sharpflow.analyses.numerics.cross_section_widths` of those sections;
-- ``decomposed``: :func:`~sharpflow.analyses.numerics.decomposed_step` (one row per gradient,
+- ``widths``: :func:`~sharpflow.analyses.project_kernels.cross_section_widths` of those sections;
+- ``decomposed``: :func:`~sharpflow.analyses.project_kernels.decomposed_step` (one row per gradient,
   direction and multiplier) on the same subset and gradients.
 
 Every table also has ``run``, ``step``, ``epoch``, ``status``, ``lr`` (η in force at the checkpoint,
@@ -64,7 +64,8 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     import torch
 
     from ..params import flat_params
-    from . import numerics as A
+    from . import gradients as G
+    from . import project_kernels as A
     from .context import add_ident
 
     assert ctx.eigvecs is not None, "project needs the checkpoint's eigenvectors"
@@ -94,16 +95,16 @@ def compute(ctx: CheckpointContext, cfg: ProjectConfig) -> dict[str, pd.DataFram
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
 
     subset_idx = torch.randperm(n_train, generator=gen)[: min(cfg.subset, n_train)].to(device)
-    subset = A.batches_of(x[subset_idx], y[subset_idx], 1000)
+    subset = G.batches_of(x[subset_idx], y[subset_idx], 1000)
     t0 = time.perf_counter()
 
-    grads_align = A.batch_gradients(model, loss_fn, theta, view.random_batches(cfg.alignment_batches, gen))
-    full = A.full_gradient(model, loss_fn, theta, A.batches_of(x, y, 1000))
+    grads_align = G.batch_gradients(model, loss_fn, theta, view.random_batches(cfg.alignment_batches, gen))
+    full = G.full_gradient(model, loss_fn, theta, G.batches_of(x, y, 1000))
     align = A.alignment(grads_align, E, full, n_random=cfg.random_directions, generator=cfg.seed + step)
     align["dim"] = dim
     align["random_baseline"] = A.random_cos_baseline(dim)
 
-    grads = grads_align[: cfg.grad_batches] if cfg.grad_batches <= len(grads_align) else A.batch_gradients(
+    grads = grads_align[: cfg.grad_batches] if cfg.grad_batches <= len(grads_align) else G.batch_gradients(
         model, loss_fn, theta, view.random_batches(cfg.grad_batches, gen))
     dirs: dict[str, torch.Tensor] = {f"e{i}": E[i - 1] for i in cfg.cross_directions if i <= k}
     rnd = torch.randn(dim, generator=gen).to(device=device, dtype=theta.dtype)
