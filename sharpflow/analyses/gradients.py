@@ -60,7 +60,7 @@ def _flat_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Tensor, Tensor, T
 
 
 #: Batch with ``torch.func.vmap``? None: only on accelerators. On the CPU the first vmap/grad call of
-#: a process lazily imports torch's compiler stack (seconds; see README, Benchmarks), more than a whole
+#: a process lazily imports torch's compiler stack (seconds; see docs/measured/benchmarks.md), more than a whole
 #: per-checkpoint analysis of a small model costs with plain autograd loops; on a GPU the batching
 #: pays. Set to True/False to force either path (the numbers agree; tests check both).
 VMAP: bool | None = None
