@@ -4,7 +4,7 @@ Left: the loss on a fixed subset; right: λ_max; both vs SGD iterations from the
 line per mode (``none`` = plain SGD, the control; ``remove``/``freeze`` = no motion along e1;
 ``isolate`` = motion along e1 only; ``rescale`` = the e1 component multiplied by its factor).
 One row per run. Reads ``escape.parquet`` (columns step, loss, lambda_max, mode, factor; see
-:func:`sharpflow.analysis.escape_ablation`).
+:func:`sharpflow.analyses.escape_kernel.escape_ablation`).
 
 Style options: ``yscale`` of the loss panel (default "linear"), ``max_runs`` (default 3), ``width``,
 ``title``.
