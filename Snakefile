@@ -1,17 +1,13 @@
 # sharpflow: the whole study as one DAG. Rules live in workflow/rules/, one file per stage.
 # Run: snakemake --cores all            (config/config.yaml, the offline CPU default)
 #      snakemake --cores all --configfile config/paper.yaml --resources gpu=4
+# As a module of another workflow: see tests/test_module.py.
+from snakemake.utils import min_version
+
+min_version("9.20")
+
 
 include: "workflow/rules/common.smk"
-
-
-wildcard_constraints:
-    run=r"[A-Za-z][A-Za-z0-9_.\-]*",
-    step=r"\d{8}",
-    dataset=r"[A-Za-z][A-Za-z0-9_]*",
-
-
-
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/analysis.smk"
@@ -20,5 +16,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        ALL_TARGETS,
+        all_outputs,
     default_target: True

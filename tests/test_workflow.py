@@ -106,6 +106,16 @@ def planned(workdir: Path, config: dict) -> dict[str, int]:
     return counts
 
 
+def planned_items(workdir: Path, config: dict) -> set[str]:
+    """The figures and tables a dry run would make, as "figure eta_grid" or "table peak" (one rule
+    draws every figure and one writes every table: the item is the job's ``name`` wildcard)."""
+    proc = snakemake(workdir, config, "-n")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    jobs = re.findall(r"^(?:local)?rule (figure|table):\n(?:[ \t]+.*\n)*?[ \t]+wildcards: name=(\S+)",
+                      proc.stdout + proc.stderr, re.M)
+    return {f"{rule} {name}" for rule, name in jobs}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
@@ -152,7 +162,8 @@ def test_figure_style_change_reruns_that_figure_alone(finished):
     work, cfg = finished
     cfg = copy.deepcopy(cfg)
     cfg["figures"]["eta_grid"]["style"] = {"dpi": 90}
-    assert planned(work, cfg) == {"figure_eta_grid": 1, "cost": 1, "all": 1}  # cost: the new benchmark
+    assert planned(work, cfg) == {"figure": 1, "cost": 1, "all": 1}  # cost: the new benchmark
+    assert planned_items(work, cfg) == {"figure eta_grid"}
 
 
 def test_editing_a_plotting_module_reruns_the_figures_it_draws(finished):
@@ -161,7 +172,8 @@ def test_editing_a_plotting_module_reruns_the_figures_it_draws(finished):
     original = module.read_text()
     try:
         module.write_text(original + "\n# an edit to the plotting code\n")
-        assert planned(work, cfg) == {"figure_alignment": 1, "cost": 1, "all": 1}
+        assert planned(work, cfg) == {"figure": 1, "cost": 1, "all": 1}
+        assert planned_items(work, cfg) == {"figure alignment"}
     finally:
         module.write_text(original)
 
@@ -174,7 +186,8 @@ def test_changing_lanczos_k_reruns_analysis_not_training(finished):
     assert not any(rule.startswith("train_") or rule == "prepare" for rule in jobs)
     # one analysis job per run: its 3 checkpoints (spectra, then project/escape) and its aggregated tables
     assert analyse_jobs(jobs) == {"analyse_eta__lr0p05": 1, "analyse_eta__lr0p1": 1, "analyse_other": 1}
-    assert {"figure_eta_grid", "figure_other_grid", "figure_alignment", "table_peak"} <= set(jobs)
+    assert planned_items(work, cfg) == {"figure eta_grid", "figure other_grid", "figure alignment",
+                                        "figure escape", "table peak"}
 
 
 def test_changing_project_reruns_its_chains_and_reuses_their_spectra(finished, tmp_path):
@@ -186,7 +199,8 @@ def test_changing_project_reruns_its_chains_and_reuses_their_spectra(finished, t
     cfg["project"]["grad_batches"] = 3
     jobs = planned(work, cfg)
     assert analyse_jobs(jobs) == {"analyse_eta__lr0p05": 1, "analyse_eta__lr0p1": 1}
-    assert not any(rule.startswith("train_") for rule in jobs) and "figure_other_grid" not in jobs
+    assert not any(rule.startswith("train_") for rule in jobs)
+    assert "figure other_grid" not in planned_items(work, cfg)
     # Run it on the finished tree, then restore that tree's config for the tests after this one.
     res = Path(cfg["results"])
     spectra = sorted((res / "runs" / "eta-lr0.1" / "spectrum").glob("*.parquet"))
@@ -212,8 +226,9 @@ def test_adding_an_eta_reruns_only_that_run_and_the_eta_figures(finished):
     jobs = planned(work, cfg)
     assert [r for r in jobs if r.startswith("train_")] == ["train_eta__lr0p02"]
     assert analyse_jobs(jobs) == {"analyse_eta__lr0p02": 1}
-    assert "figure_other_grid" not in jobs
-    assert {"figure_eta_grid", "figure_alignment", "table_peak"} <= set(jobs)
+    items = planned_items(work, cfg)
+    assert "figure other_grid" not in items
+    assert {"figure eta_grid", "figure alignment", "table peak"} <= items
 
 
 def test_splitting_a_run_over_analysis_jobs_changes_no_number(tmp_path):

@@ -5,6 +5,12 @@
 # killed or rerun job reuses what it already computed (the run's analysis stash). A job that covers
 # the whole run also writes its aggregated tables; otherwise an aggregate job per run does. With
 # resources.runs_per_job > 1, whole runs of a study are analysed one after another in one job.
+#
+# These rules are generated per run (analyse_<run>, analyse_<run>_j<i>, aggregate_<run>) and per group
+# (analyse_<study>__group<i>): a job's outputs are its runs' aggregated tables, one per table kind its runs
+# have, which depends on the analyses planned for each run (an analysis on for some studies or runs only,
+# best.pt's spectrum), or, for a split run, its chains' per-checkpoint files. Outputs cannot be functions,
+# so no single wildcard rule can declare them.
 
 GROUPED = {run for runs in GROUPS.values() if len(runs) > 1 for run in runs}
 
@@ -97,7 +103,7 @@ for _run in SPLIT:
         output:
             aggregated(_run),
         params:
-            out=f"{R}/runs/{_run}",
+            out=lambda w, output: parent(output[0]),
             timing=f"{R}/benchmarks/aggregate/{_run}.json",
         conda:
             ENV

@@ -1,7 +1,10 @@
-# Config loading and validation (pydantic), sweep expansion, checkpoint plans, path helpers.
+# Config loading and validation (pydantic), sweep expansion, checkpoint plans, the inputs, params and
+# resources of every stage, and the workflow's final outputs. Paths to the workflow's own files are taken
+# from this file's location (ROOT), not from workflow.basedir, which is the host's directory when another
+# project uses sharpflow as a Snakemake module.
 import os
+import re
 import shlex
-import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -25,20 +28,36 @@ from sharpflow.study import (
 )
 import json
 
+import sharpflow.figures
+import sharpflow.tables
+
 
 def dump_json_dict(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-# No `configfile:` directive: Snakemake would merge it with a --configfile, mixing the
-# default study into the paper's. Without --configfile the embedded default is loaded and
-# any --config key=value overrides are merged into it.
-DEFAULT_CONFIG = Path(workflow.basedir) / "config" / "config.yaml"
+#: The repository: this file is workflow/rules/common.smk (current_basedir is read while it is parsed).
+ROOT = Path(str(workflow.current_basedir)).parents[1]
+#: The embedded default study (offline, CPU).
+DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
+
+
+def load_config():
+    """The study's config. No `configfile:` directive: Snakemake would merge it with a --configfile,
+    mixing the default study into the paper's. A --configfile, or the config a host workflow gives this
+    one as a module (``module sharpflow: config: ...``), is the whole config; otherwise the embedded
+    default is loaded and any --config key=value overrides are merged into it. ``config`` itself is
+    never changed: as a module it is the host's object."""
+    if not workflow.modifier.is_main_snakefile():  # the host's config files are not this workflow's
+        if config:
+            return parse_config(config, "the config given to the sharpflow module")
+    elif workflow.configfiles:
+        return parse_config(config, " + ".join(map(str, workflow.configfiles)))
+    return parse_config(merge_config(read_yaml(DEFAULT_CONFIG), config), str(DEFAULT_CONFIG))
+
+
 try:
-    if workflow.configfiles:
-        CFG = parse_config(config, " + ".join(map(str, workflow.configfiles)))
-    else:
-        CFG = parse_config(merge_config(read_yaml(DEFAULT_CONFIG), config), str(DEFAULT_CONFIG))
+    CFG = load_config()
 except ConfigError as err:
     raise WorkflowError(f"invalid sharpflow config: {err}")
 
@@ -147,10 +166,6 @@ def data_dir(dataset):
 def data_files(dataset):
     d = data_dir(dataset)
     return [f"{d}/{f}" for f in ("train.npz", "valid.npz", "test.npz", "hessian.npz", "meta.json")]
-
-
-def run_data(wildcards):
-    return data_files(RUNS[wildcards.run].dataset)
 
 
 def ckpt_path(run, step):
@@ -299,13 +314,21 @@ ENV = "../envs/sharpflow.yaml"
 
 
 # ------------------------------------------------------------------------ figures and tables
-import sharpflow.figures
-import sharpflow.tables
+# One rule draws every figure and one writes every table, with the item's name as their wildcard. The
+# item's config picks its inputs (the aggregated tables it reads, its plotting code) and its params.
 
 
-def run_outputs(run):
-    """The final outputs of one run: metrics, plus its aggregated tables if analysed."""
-    return [f"{R}/runs/{run}/metrics.parquet", *aggregated(run)]
+def figure_path(name, ext):
+    return f"{R}/figures/{name}.{ext}"
+
+
+def table_path(name, ext):
+    return f"{R}/tables/{name}.{ext}"
+
+
+def one_of(names):
+    """A wildcard constraint that matches exactly ``names`` (and nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
 def study_runs(studies):
@@ -331,19 +354,26 @@ def presentation_inputs(item, package):
 
 
 def code_inputs(package, kind):
-    """The plotting code a figure or table depends on: its own module and the shared ones
-    (absolute: the working directory, -d, need not be the repository)."""
+    """The plotting code a figure or table depends on: its own module first, then the shared ones
+    (absolute: the working directory, -d, need not be the repository). The report caption of the
+    figure and table rules finds the kind's caption from the first."""
     return [str(p) for p in package.REGISTRY.code_files(kind)]
-
-
-def caption(package, kind):
-    return os.path.join(workflow.basedir, package.REGISTRY.captions[kind])
 
 
 def presentation_spec(item):
     """The figure/table spec passed as params: its own config plus what it needs of each run."""
     runs = presentation_runs(CFG, RUNS, study_runs(item.studies))
     return dump_json_dict({**item.model_dump(mode="json"), "runs": runs})
+
+
+def figure_inputs(wildcards):
+    fig = CFG.figures[wildcards.name]
+    return {"tables": presentation_inputs(fig, sharpflow.figures), "code": code_inputs(sharpflow.figures, fig.kind)}
+
+
+def table_inputs(wildcards):
+    tab = CFG.tables[wildcards.name]
+    return {"tables": presentation_inputs(tab, sharpflow.tables), "code": code_inputs(sharpflow.tables, tab.kind)}
 
 
 # ------------------------------------------------------------------------------------ claims
@@ -357,3 +387,25 @@ def claims_inputs():
 
 def claims_params():
     return dump_json_dict(claims_spec(CFG, RUNS, CLAIM_PLAN))
+
+
+# ----------------------------------------------------------------------------- final outputs
+def run_outputs(run):
+    """The final outputs of one run: metrics, plus its aggregated tables if analysed."""
+    return [f"{R}/runs/{run}/metrics.parquet", *aggregated(run)]
+
+
+def final_outputs(wildcards):
+    """Everything the study makes but the cost table, which is made from their benchmarks: every run's
+    outputs, the claims (when enabled), every figure and every table of the config."""
+    out = [path for run in RUNS for path in run_outputs(run)]
+    if CFG.claims.enabled:
+        out += [table_path("claims", ext) for ext in ("md", "tex", "csv")]
+    out += [figure_path(name, ext) for name in CFG.figures for ext in ("pdf", "png")]
+    out += [table_path(name, ext) for name in CFG.tables for ext in ("md", "tex", "csv")]
+    return out
+
+
+def all_outputs(wildcards):
+    """The default target's inputs: the final outputs and the cost table."""
+    return [*final_outputs(wildcards), table_path("cost", "md"), table_path("cost", "csv")]

@@ -14,6 +14,8 @@ rule prepare:
         f"{R}/logs/prepare/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/prepare/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=one_of(CFG.datasets),
     localrule: True  # downloads need the network, which compute nodes often lack
     resources:
         mem_mb=4000,

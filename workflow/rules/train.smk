@@ -1,4 +1,8 @@
-# train: one rule per run (its checkpoint list is known up front, so each is a declared output).
+# train: one rule per run, train_<run> (rule_name). Its outputs are the run's metrics and every checkpoint of
+# its schedule, known up front and declared one by one: analysis jobs take exactly their chain's checkpoints,
+# and prune_checkpoints marks the intermediate ones temp(). The schedule differs between runs in length and
+# steps, and a rule's outputs can be neither a function nor files without all of its wildcards, so one
+# wildcard rule could declare them only as a directory() or through a dynamic `checkpoint`, losing both.
 
 for _run, _rc in RUNS.items():
 
