@@ -35,10 +35,9 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     for run in runs:
         c = colours[run]
         eta = data.value(run, "lr")
-        div = data.divergence(run)
+        label, div = style.run_entry(data, run, keys)
         any_div |= div is not None
-        handles.append(style.style_handle(style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run),
-                                                               div is not None), color=c, ls="-"))
+        handles.append(style.style_handle(label, color=c, ls="-"))
         d = lambda_max_rows(data.rows("spectrum", run)).sort_values("step")
         if eta and len(d):
             x, y = d["step"].to_numpy(float), float(eta) * d["eigenvalue"].to_numpy(float) / 2

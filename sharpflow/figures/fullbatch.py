@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from ..results import Data, adaptive, last_finite, varying
@@ -34,22 +33,11 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     any_unconverged = False
     for run in runs:
         c = colours[run]
-        div = data.divergence(run)
+        label, div = style.run_entry(data, run, keys)
         any_div |= div is not None
-        label = style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run), div is not None)
         handles.append(style.style_handle(label, color=c, ls="-"))
-        sp = data.rows("spectrum", run)
-        for rank, ls, lw in ((1, "-", 1.4), (2, "--", 0.9)):
-            d = sp[sp["rank"] == rank].sort_values("step") if len(sp) else sp
-            if len(d) == 0:
-                continue
-            x, y = d["step"].to_numpy(float), d["eigenvalue"].to_numpy(float)
-            y = np.where(y > 0, y, np.nan)
-            ax_s.plot(x, y, ls=ls, lw=lw, color=c)
-            any_unconverged |= style.mark_unconverged(ax_s, d, x, y, c)
-            if rank == 1 and div is not None:
-                lf = last_finite(x, y, before=div[0])
-                style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
+        _, _, unconverged = style.eigenvalue_curves(ax_s, data.rows("spectrum", run), c, x="step", div=div, lw2=0.9)
+        any_unconverged |= unconverged
         eta = data.value(run, "lr")
         if eta and not adaptive(data, run):  # Adam's threshold is on P^{-1}H: figure kind precond
             ax_s.axhline(2.0 / float(eta), ls=":", lw=1.0, color=c)

@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..results import Data, adaptive, last_finite, varying
+from ..results import Data, adaptive, varying
 from . import style
 
 
@@ -59,32 +59,17 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
     finite = False
     any_unconverged = False
     for run in runs:
-        sp = data.rows("spectrum", run)
         c = colours[run]
-        div = data.divergence(run)
+        label, div = style.run_entry(data, run, label_keys)
         any_div |= div is not None
-        label = style.run_label(data.meta.get(run, {}), label_keys, run)
-        label = style.diverged_label(label, div is not None)
-        drew = None
-        for rank, ls, lw in ((1, "-", 1.4), (2, "--", 1.0)):
-            d = sp[sp["rank"] == rank].sort_values("step")
-            if len(d) == 0:
-                continue
-            x, y = d["epoch"].to_numpy(float), d["eigenvalue"].to_numpy(float)
-            y = np.where(y > 0, y, np.nan)  # a log axis cannot show λ ≤ 0
-            finite |= bool(np.isfinite(y).any())
-            (h,) = ax.plot(x, y, ls=ls, lw=lw, color=c, label=label if rank == 1 else None)
-            any_unconverged |= style.mark_unconverged(ax, d, x, y, c)
-            if rank == 1:
-                drew = h
-                if first_peak is None and np.isfinite(y).any():
-                    first_peak = float(x[np.nanargmax(y)])
-                if div is not None:
-                    lf = last_finite(x, y, before=div[1])
-                    style.mark_divergence(ax, div[1], lf[1] if lf else None, c)
-        if drew is None:  # keep the run in the legend even with nothing drawable
-            drew = style.style_handle(label, color=c)
-        run_handles.append(drew)
+        first, drawn, unconverged = style.eigenvalue_curves(ax, data.rows("spectrum", run), c, x="epoch", div=div,
+                                                            label=label)
+        finite |= drawn
+        any_unconverged |= unconverged
+        if first is not None and first_peak is None and np.isfinite(first[2]).any():
+            first_peak = float(first[1][np.nanargmax(first[2])])
+        # keep the run in the legend even with nothing drawable
+        run_handles.append(first[0] if first is not None else style.style_handle(label, color=c))
 
     extra = [style.style_handle("$\\lambda_1$", ls="-"), style.style_handle("$\\lambda_2$", ls="--")]
     if opts.get("stability_line", True):

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..io import atomic_path
-from ..results import sort_value, varying
+from ..results import last_finite, sort_value, varying
 
 SINGLE = 3.4  # inches, one column
 DOUBLE = 7.0  # inches, full width
@@ -179,6 +179,41 @@ def mark_unconverged(ax: Axes, rows: Any, x: np.ndarray, y: np.ndarray, colour: 
         return False
     ax.plot(x[bad], y[bad], color=colour, gid="unconverged", **UNCONVERGED_MARKER)
     return True
+
+
+# ------------------------------------------------------------------------------ per-run panels
+def run_entry(data: Any, run: str, keys: Sequence[str]) -> tuple[str, tuple[float, float] | None]:
+    """A run's legend label (its settings in ``keys``, "(diverged)" when it diverged) and its
+    divergence ((step, epoch) or None): what every per-run panel starts from."""
+    div = data.divergence(run)
+    return diverged_label(run_label(data.meta.get(run, {}), keys, run), div is not None), div
+
+
+def eigenvalue_curves(ax: Axes, sp: Any, colour: Any, *, x: str, div: tuple[float, float] | None,
+                      lw2: float = 1.0, label: str | None = None) -> tuple[tuple[Line2D, np.ndarray, np.ndarray] | None,
+                                                                             bool, bool]:
+    """One run's λ_1 (solid) and λ_2 (dashed) from its spectrum rows ``sp`` against ``x`` ("step" or
+    "epoch"), for a log axis (λ ≤ 0 left out): unconverged pairs ringed, the divergence marked on λ_1.
+    Returns (λ_1's line with its x and y, or None), whether any value is finite and positive, and
+    whether a pair was ringed."""
+    first = None
+    finite = unconverged = False
+    for rank, ls, lw in ((1, "-", 1.4), (2, "--", lw2)):
+        d = sp[sp["rank"] == rank].sort_values("step") if len(sp) else sp
+        if len(d) == 0:
+            continue
+        xs, ys = d[x].to_numpy(float), d["eigenvalue"].to_numpy(float)
+        ys = np.where(ys > 0, ys, np.nan)  # a log axis cannot show λ ≤ 0
+        finite |= bool(np.isfinite(ys).any())
+        (h,) = ax.plot(xs, ys, ls=ls, lw=lw, color=colour, label=label if rank == 1 else None)
+        unconverged |= mark_unconverged(ax, d, xs, ys, colour)
+        if rank == 1:
+            first = (h, xs, ys)
+            if div is not None:
+                at = div[0] if x == "step" else div[1]
+                lf = last_finite(xs, ys, before=at)
+                mark_divergence(ax, at, lf[1] if lf else None, colour)
+    return first, finite, unconverged
 
 
 def unconverged_handle() -> Line2D:

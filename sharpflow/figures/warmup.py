@@ -95,8 +95,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     handles, unconverged = [], False
     for run in runs:
         c = colours[run]
-        label = style.diverged_label(style.run_label(data.meta.get(run, {}), keys, run),
-                                     data.divergence(run) is not None)
+        label, _ = style.run_entry(data, run, keys)
         handles.append(style.style_handle(label, color=c, ls="-"))
         unconverged |= _plain_sharpness(ax_h, data, run, c)
         unconverged |= _preconditioned(ax_p, data, run, c)
