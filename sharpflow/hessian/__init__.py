@@ -10,7 +10,8 @@ Modules and what each exports:
 
 - :mod:`~sharpflow.hessian.base`: :class:`Operator` (shape, dtype, device, product counter,
   ``matvec`` on vectors and blocks, the algebra ``+``, ``-``, scaling, composition, ``adjoint()``,
-  ``to_scipy()``), :class:`DiagonalOperator`, and :class:`CurvatureOperator` (a private copy of
+  ``to_scipy()``), :class:`DiagonalOperator`, :class:`BlockOperator` (a principal submatrix: one
+  parameter block's diagonal block), and :class:`CurvatureOperator` (a private copy of
   the model and its examples, optionally re-chunked: the data handling of the two below).
 - :mod:`~sharpflow.hessian.operators`: the :class:`LinearOperator` protocol, :class:`DenseOperator`
   and :class:`HessianOperator` (the Hessian of the mean training loss over N fixed examples, with
@@ -32,7 +33,7 @@ Modules and what each exports:
 
 from __future__ import annotations
 
-from .base import CurvatureOperator, DiagonalOperator, Operator
+from .base import BlockOperator, CurvatureOperator, DiagonalOperator, Operator
 from .density import SpectralDensity, spectral_density, w1_bound
 from .estimators import FrobeniusEstimate, TraceEstimate, frobenius_interval, frobenius_norm, trace
 from .ggn import GGNOperator
@@ -40,6 +41,7 @@ from .operators import DenseOperator, HessianOperator, LinearOperator
 from .solvers import EigenResult, top_eigenpairs
 
 __all__ = [
+    "BlockOperator",
     "CurvatureOperator",
     "DenseOperator",
     "DiagonalOperator",

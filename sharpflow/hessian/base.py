@@ -199,6 +199,30 @@ class DiagonalOperator(Operator):
         return (self.d if v.ndim == 1 else self.d[:, None]) * v
 
 
+class BlockOperator(Operator):
+    """The principal submatrix A[idx, idx] of an operator: the diagonal block of a set of coordinates
+    (e.g. one layer's weights). A product embeds the block vector in zeros, applies A, and keeps
+    the block's rows: one product of A per product (a block of m counts m, on both).
+
+    Attributes:
+        a: the full operator; idx: the (b,) coordinates, in order.
+    """
+
+    def __init__(self, a: Operator, idx: Tensor) -> None:
+        idx = idx.to(device=a.device, dtype=torch.long)
+        if idx.ndim != 1 or len(idx) == 0:
+            raise ValueError(f"the block needs a non-empty (b,) index vector, got shape {tuple(idx.shape)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= a.dim:
+            raise ValueError(f"block indices outside [0, {a.dim})")
+        super().__init__(len(idx), a.dtype, a.device)
+        self.a, self.idx = a, idx
+
+    def _apply(self, v: Tensor) -> Tensor:
+        full = torch.zeros((self.a.dim, *v.shape[1:]), dtype=self.dtype, device=self.device)
+        full[self.idx] = v
+        return self.a.matvec(full)[self.idx]
+
+
 class CurvatureOperator(Operator):
     """An operator of a model's loss over N fixed examples: the model and data handling shared by
     :class:`~sharpflow.hessian.operators.HessianOperator` and :class:`~sharpflow.hessian.ggn.GGNOperator`.
@@ -248,4 +272,4 @@ class CurvatureOperator(Operator):
         """The product with a (D, m) block in ``dtype`` on ``device``; (D, m) out."""
 
 
-__all__ = ["CurvatureOperator", "DiagonalOperator", "Operator"]
+__all__ = ["BlockOperator", "CurvatureOperator", "DiagonalOperator", "Operator"]
