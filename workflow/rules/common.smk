@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 
 from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
 from sharpflow.claims import code_files as claims_code_files
-from sharpflow.config import BEST_NAME, checkpoint_steps, dump_json, steps_per_epoch, study_of
+from sharpflow.config import BEST_NAME, checkpoint_steps, dump_json, study_of
 from sharpflow.errors import ConfigError
 from sharpflow.study import (
     FORMAT_VERSION,
