@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
@@ -11,7 +10,7 @@ from sharpflow.config import OptimizerConfig
 from sharpflow.sam import SAM
 
 from .conftest import tiny_run
-from .test_train import _ckpts, _comparable, _same_checkpoints, _train
+from .test_train import _train, resumes_bitwise
 
 DT = torch.float64
 
@@ -26,6 +25,18 @@ def _problem():
 
 def _loss(w, x, y):
     return 0.5 * (x @ w - y).square().mean()
+
+
+def _closure(opt, w, x, y):
+    """The training loop's closure: zero the gradients, the loss, its backward."""
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(w, x, y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def _grad(w, x, y):
@@ -47,13 +58,7 @@ def test_one_step_equals_the_hand_computed_update(adaptive):
 
     w = torch.nn.Parameter(w0.clone())
     opt = SAM([w], lr=lr, rho=rho, adaptive=adaptive, eta=eta)
-
-    def closure():
-        opt.zero_grad()
-        loss = _loss(w, x, y)
-        loss.backward()
-        return loss
-
+    closure = _closure(opt, w, x, y)
     closure()
     opt.step(closure)
     torch.testing.assert_close(w.detach(), want, rtol=1e-12, atol=1e-14)
@@ -71,13 +76,7 @@ def test_two_steps_with_momentum_and_weight_decay():
         w_ref = w_ref - lr * buf
     w = torch.nn.Parameter(w0.clone())
     opt = SAM([w], lr=lr, rho=rho, momentum=mu, weight_decay=wd)
-
-    def closure():
-        opt.zero_grad()
-        loss = _loss(w, x, y)
-        loss.backward()
-        return loss
-
+    closure = _closure(opt, w, x, y)
     for _ in range(2):
         closure()
         opt.step(closure)
@@ -100,14 +99,7 @@ def test_sam_needs_a_closure_and_a_positive_radius():
 def test_sam_training_resumes_bitwise_and_differs_from_sgd(tiny_data, tiny_dataset, tmp_path, adaptive):
     run = tiny_run(optimizer__name="sam", optimizer__momentum=0.9,
                    optimizer__sam={"rho": 0.1, "adaptive": adaptive})
-    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
-    out = tmp_path / "crash"
-    _train(run, tiny_dataset, tiny_data, out, stop_after=17)
-    for p in _ckpts(out):
-        p.unlink()
-    again = _train(run, tiny_dataset, tiny_data, out)
-    _same_checkpoints(tmp_path / "ref", out)
-    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+    ref = resumes_bitwise(run, tiny_dataset, tiny_data, tmp_path, crash_after=17)
     sgd = _train(tiny_run(optimizer__momentum=0.9), tiny_dataset, tiny_data, tmp_path / "sgd")
     last = ref[ref.split == "train"]["loss"].iloc[-1]
     assert last != sgd[sgd.split == "train"]["loss"].iloc[-1]

@@ -228,17 +228,25 @@ def test_warmup_cosine_schedule_in_training(tiny_data, tiny_dataset, tmp_path, o
                                 32: 0.1 * 0.5 * (1 + math.cos(math.pi * 22 / 30))})
 
 
+def resumes_bitwise(run, ds, data, tmp_path, crash_after: int) -> pd.DataFrame:
+    """Train ``run`` uninterrupted, and again killed after ``crash_after`` updates (its declared
+    checkpoints deleted, as Snakemake does) then rerun: checkpoints and metrics must be equal.
+    Returns the uninterrupted run's metrics."""
+    ref = _train(run, ds, data, tmp_path / "ref")
+    out = tmp_path / "crash"
+    _train(run, ds, data, out, stop_after=crash_after)
+    for p in _ckpts(out):
+        p.unlink()
+    again = _train(run, ds, data, out)
+    _same_checkpoints(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+    return ref
+
+
 def test_warmup_run_resumes_bitwise(tiny_data, tiny_dataset, tmp_path):
     run = tiny_run(optimizer__name="adamw", optimizer__lr=0.01,
                    optimizer__schedule={"kind": "warmup_cosine", "warmup_steps": 8})
-    ref = _train(run, tiny_dataset, tiny_data, tmp_path / "ref")
-    out = tmp_path / "crash"
-    _train(run, tiny_dataset, tiny_data, out, stop_after=13)
-    for p in _ckpts(out):
-        p.unlink()
-    again = _train(run, tiny_dataset, tiny_data, out)
-    _same_checkpoints(tmp_path / "ref", out)
-    pd.testing.assert_frame_equal(_comparable(ref), _comparable(again))
+    resumes_bitwise(run, tiny_dataset, tiny_data, tmp_path, crash_after=13)
 
 
 def _nsgd(**over):
