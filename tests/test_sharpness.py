@@ -88,3 +88,47 @@ def test_sharpness_analysis_on_a_trained_run(tiny_data, tiny_dataset, tmp_path):
     # more radius, more worst-case sharpness (the same batches and start)
     wide = compute(ctx, cfg.model_copy(update={"rho": 0.2, "pac_bayes": False}))["sharpness"]
     assert wide[wide.measure == "worst_case"].value.iloc[0] > wc.value
+
+
+def test_blocks_analysis_against_the_dense_hessian_blocks(tiny_data, tiny_dataset, tmp_path):
+    """Per-block spectra: each weight's top eigenvalue of H[b, b] against eigvalsh of the dense block of
+    a trained tiny MLP's Hessian; the top eigenvector's energy per block is its squared norm there."""
+    from sharpflow.analyses.blocks import BlocksConfig, parameter_blocks
+    from sharpflow.analyses.blocks import compute as blocks
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.data import hessian_batches, load_prepared
+    from sharpflow.train import train
+
+    from .conftest import tiny_run
+    from .test_hessian import dense_hessian
+
+    run = tiny_run(model={"name": "mlp", "kwargs": {"hidden": [4]}})
+    train(run, tiny_dataset, run_name="r", data_dir=tiny_data, out_dir=tmp_path, progress=False, log=lambda *_: None)
+    data = load_prepared(tiny_data)
+    ctx = open_checkpoint(run, "r", data, sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], torch.device("cpu"),
+                          log=lambda *_: None)
+    model = ctx.model()
+    h = dense_hessian(model.double(), [(x.double(), y) for x, y in hessian_batches(data, len(data.hessian_idx))])
+    evals, evecs = torch.linalg.eigh(h)
+    top = evecs[:, -1]
+    ctx.eigvecs = {"eigenvalues": evals[-1:].flip(0), "eigenvectors": top[None].float()}
+    out = blocks(ctx, BlocksConfig(enabled=True, tol=1e-6))
+    names = [(n, p.numel()) for n, p in ctx.model().named_parameters()]
+    want = parameter_blocks(names, [])
+    assert list(out["blocks"]["block"]) == list(want) == [n for n, _ in names if n.endswith("weight")]
+    for row in out["blocks"].itertuples():
+        idx = want[row.block]
+        truth = float(torch.linalg.eigvalsh(h[idx][:, idx])[-1])
+        assert row.eigenvalue == pytest.approx(truth, rel=1e-3), row.block
+        assert row.converged
+    energy = out["block_energy"].set_index("block")["energy"]
+    for b, idx in want.items():
+        assert energy[b] == pytest.approx(float(top[idx].square().sum()), rel=1e-4, abs=1e-7)
+    # patterns: one block for all weights, and a pattern that matches nothing is named
+    one = blocks(ctx, BlocksConfig(enabled=True, tol=1e-6, patterns=["weight$"]))["blocks"]
+    idx = [i for b in want.values() for i in b]
+    assert one["eigenvalue"].iloc[0] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=1e-3)
+    from sharpflow.errors import SharpflowError
+
+    with pytest.raises(SharpflowError, match="matches no parameter"):
+        blocks(ctx, BlocksConfig(enabled=True, patterns=["attn"]))
