@@ -132,3 +132,29 @@ def test_blocks_analysis_against_the_dense_hessian_blocks(tiny_data, tiny_datase
 
     with pytest.raises(SharpflowError, match="matches no parameter"):
         blocks(ctx, BlocksConfig(enabled=True, patterns=["attn"]))
+
+
+def test_blocks_figure_is_a_heatmap_of_log_eigenvalues(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from sharpflow import figures
+    from sharpflow.figures import blocks as fig_blocks
+    from sharpflow.results import load
+
+    paths = []
+    for run in ("b-lr0.1", "b-lr0.2"):
+        d = tmp_path / "runs" / run
+        d.mkdir(parents=True)
+        rows = [{"run": run, "step": s, "epoch": s / 10, "status": "ok", "block": b, "size": 4,
+                 "eigenvalue": (i + 1) * 10.0 ** (s / 100) if b != "fc2.weight" or s else -1.0, "converged": True}
+                for s in (0, 100, 200) for i, b in enumerate(("fc1.weight", "fc2.weight"))]
+        pd.DataFrame(rows).to_parquet(d / "blocks.parquet", index=False)
+        paths.append(d / "blocks.parquet")
+    spec = {"runs": {r: {"study": "b", "lr": lr} for r, lr in (("b-lr0.1", 0.1), ("b-lr0.2", 0.2))}}
+    fig = fig_blocks.plot(load(paths, figures.KINDS["blocks"], spec), {})
+    grid = fig.axes[0].images[0].get_array()
+    want = np.log10([[1, 10, 100], [np.nan, 20, 200]])  # λ ≤ 0 left blank
+    np.testing.assert_allclose(np.ma.filled(grid.astype(float), np.nan), want)
+    figures.draw("blocks", spec, paths, tmp_path / "f.pdf", tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000

@@ -33,6 +33,8 @@ Figure kinds (module, tables read):
 - ``warmup`` (warmup.py; metrics, spectrum, and precond where a run has it): η(t)·λ_1/2 and
   η(t)·λ_1(P^{-1}H) against their thresholds vs step per warmup length, with the training loss and
   η(t)/η (Kalra & Barkeshli 2024).
+- ``blocks`` (blocks.py; blocks): a heatmap of parameter block × checkpoint of each block's top
+  Hessian eigenvalue, one panel per run (Zhang et al. 2024).
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -62,6 +64,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "batch_sharpness": ("batch_sharpness",),
     "subspace": ("subspace",),
     "warmup": ("metrics", "spectrum", "precond"),
+    "blocks": ("blocks",),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module
