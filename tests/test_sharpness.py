@@ -158,3 +158,78 @@ def test_blocks_figure_is_a_heatmap_of_log_eigenvalues(tmp_path):
     np.testing.assert_allclose(np.ma.filled(grid.astype(float), np.nan), want)
     figures.draw("blocks", spec, paths, tmp_path / "f.pdf", tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_third_order_terms_on_a_cubic_by_hand():
+    """L(θ) = ½θᵀAθ + Σ c_i θ_i³/6: H = A + diag(c⊙θ), ∇³L[u, u] = c⊙u², g = Aθ + c⊙θ²/2."""
+    from sharpflow.analyses.selfstab import third_order_terms
+
+    gen = torch.Generator().manual_seed(7)
+    a, _ = _quadratic([3.0, 1.0, 0.5, 0.2])
+    c = torch.randn(4, generator=gen, dtype=DT)
+    theta = torch.randn(4, generator=gen, dtype=DT)
+    u = torch.randn(4, generator=gen, dtype=DT)
+    u = u / u.norm()
+    out = third_order_terms(lambda w: 0.5 * w @ a @ w + (c * w**3).sum() / 6, theta, u)
+    h = a + torch.diag(c * theta)
+    g = a @ theta + c * theta**2 / 2
+    grad_s = c * u**2
+    assert out["lambda1"] == pytest.approx(float(u @ h @ u), rel=1e-12)
+    assert out["grad_curvature"] == pytest.approx(float(g @ h @ g / (g @ g)), rel=1e-12)
+    assert out["alpha"] == pytest.approx(-float(g @ grad_s), rel=1e-12)
+    assert out["beta"] == pytest.approx(float(grad_s @ grad_s), rel=1e-12)
+
+
+def test_selfstab_analysis_against_finite_differences_of_hessian_products(tiny_data, tiny_dataset, tmp_path):
+    """∇S = ∇³L[u, u] of a trained tanh MLP against central differences of uᵀH(θ ± εe)u along random e."""
+    from sharpflow.analyses.context import open_checkpoint
+    from sharpflow.analyses.selfstab import SelfStabConfig
+    from sharpflow.analyses.selfstab import compute as selfstab
+    from sharpflow.data import hessian_batches, load_prepared
+    from sharpflow.hessian import HessianOperator
+    from sharpflow.models import loss_fn
+    from sharpflow.params import flat_params, set_flat_params
+    from sharpflow.train import train
+
+    from .conftest import tiny_run
+
+    run = tiny_run(model={"name": "mlp", "kwargs": {"hidden": [6], "activation": "tanh"}}, optimizer__batch_size="full")
+    train(run, tiny_dataset, run_name="r", data_dir=tiny_data, out_dir=tmp_path, progress=False, log=lambda *_: None)
+    data = load_prepared(tiny_data)
+    ctx = open_checkpoint(run, "r", data, sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], torch.device("cpu"),
+                          log=lambda *_: None)
+    model = ctx.model().double().eval()
+    batches = [(x.double(), y) for x, y in hessian_batches(data, 64)]
+    op = HessianOperator(model, loss_fn, batches)
+    vals, vecs = torch.linalg.eigh(op @ torch.eye(op.dim, dtype=DT))
+    u = vecs[:, -1]
+    ctx.eigvecs = {"eigenvalues": vals[-1:], "eigenvectors": u[None]}
+    row = selfstab(ctx, SelfStabConfig(enabled=True, n=64))["selfstab"].iloc[0]
+    assert row.lambda1 == pytest.approx(float(vals[-1]), rel=1e-8)
+    # β = ‖∇S‖²: compare ∇S·e with finite differences along e = ∇S/‖∇S‖ and a random direction
+    theta = flat_params(model).detach().clone()
+    eps = 1e-4
+
+    def s_at(t):
+        set_flat_params(model, t)
+        return float(u @ HessianOperator(model, loss_fn, batches).matvec(u))
+
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(op.dim, generator=gen, dtype=DT)
+    e = e / e.norm()
+    from sharpflow.analyses.selfstab import third_order_terms
+    from sharpflow.params import loss_of_params, unflatten
+
+    f, like = loss_of_params(model, loss_fn), {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    terms = third_order_terms(lambda t: f(unflatten(t, like), x, y), theta, u)
+    assert terms["beta"] == pytest.approx(row.beta, rel=1e-8)
+    # the directional derivative of S along e from the terms: recover ∇S by autograd on the same S
+    th = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(unflatten(th, like), x, y), th, create_graph=True)
+    (hu,) = torch.autograd.grad(g @ u, th, create_graph=True)
+    (grad_s,) = torch.autograd.grad(hu @ u, th)
+    fd = (s_at(theta + eps * e) - s_at(theta - eps * e)) / (2 * eps)
+    set_flat_params(model, theta)
+    assert float(grad_s @ e) == pytest.approx(fd, rel=1e-4, abs=1e-7)
+    assert float(grad_s @ grad_s) == pytest.approx(row.beta, rel=1e-8)

@@ -28,14 +28,14 @@ import torch, and the kernels and context they compute with, inside ``compute``.
 
 from __future__ import annotations
 
-from . import batch_sharpness, blocks, density, escape, ggn, precond, project, sharpness, subspace
+from . import batch_sharpness, blocks, density, escape, ggn, precond, project, selfstab, sharpness, subspace
 from .base import Analysis, every_checkpoint, strided
 
 #: name -> analysis, in the order a checkpoint's analyses run.
 REGISTRY: dict[str, Analysis] = {
     a.name: a
     for a in (project.ANALYSIS, escape.ANALYSIS, density.ANALYSIS, ggn.ANALYSIS, precond.ANALYSIS,
-              batch_sharpness.ANALYSIS, subspace.ANALYSIS, sharpness.ANALYSIS, blocks.ANALYSIS)
+              batch_sharpness.ANALYSIS, subspace.ANALYSIS, sharpness.ANALYSIS, blocks.ANALYSIS, selfstab.ANALYSIS)
 }
 
 #: every table kind an analysis writes -> the analysis that writes it.

@@ -1,0 +1,106 @@
+"""Update sharpness and self-stabilization (Damian et al. 2023), off by default.
+
+At a checkpoint, over the Hessian subset (the spectrum's loss: weight decay included), with u the
+spectrum's top eigenvector and g = ∇L:
+
+- ``grad_curvature``: the curvature along the gradient, gᵀHg/‖g‖²;
+- ``lambda1``: S(θ) = uᵀH(θ)u (the top eigenvalue, recomputed here in float64 for the check);
+- ``alpha`` = −∇L·∇S and ``beta`` = ‖∇S‖², with ∇S = ∇³L[u, u], the third-order derivative along u
+  twice, by differentiating uᵀH(θ)u (one Hessian-vector product built with ``create_graph``) once
+  more. Damian et al.'s self-stabilization: when η·λ1/2 > 1 the step along ∇S (size set by α and
+  β) pulls the sharpness back to 2/η;
+- ``eta_lambda_half``: η·λ1/2 with η in force at the checkpoint.
+
+Meant for full-batch runs (the ``eos`` studies), where the gradient is that of the whole loss. Table
+``runs/{run}/selfstab/step*.parquet``: one row per checkpoint with those columns and ``grad_norm``,
+plus run, step, epoch, status.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, PositiveInt
+
+from ..configbase import Strict
+from .base import Analysis, strided
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from .context import CheckpointContext
+
+
+class SelfStabConfig(Strict):
+    """Curvature along the gradient and the self-stabilization terms α, β at chosen checkpoints."""
+
+    enabled: bool = Field(False, description="Compute it (third-order products over the Hessian subset).")
+    stride: PositiveInt = Field(1, description="Every stride-th checkpoint, plus the last.")
+    n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
+
+
+def third_order_terms(loss: Any, theta: torch.Tensor, u: torch.Tensor) -> dict[str, float]:
+    """For a loss of the flat parameters: ∇L, S = uᵀHu, ∇S = ∇³L[u, u], gᵀHg/‖g‖², α and β."""
+    import torch
+
+    th = theta.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(th), th, create_graph=True)
+    (hu,) = torch.autograd.grad(g @ u, th, create_graph=True)
+    s = hu @ u
+    (grad_s,) = torch.autograd.grad(s, th, retain_graph=True)
+    gd = g.detach()
+    (hg,) = torch.autograd.grad(g @ gd, th)
+    gg = float(gd @ gd)
+    return {"lambda1": float(s.detach()), "grad_norm": math.sqrt(gg),
+            "grad_curvature": float(hg @ gd) / gg if gg > 0 else math.nan,
+            "alpha": -float(gd @ grad_s), "beta": float(grad_s @ grad_s)}
+
+
+def compute(ctx: CheckpointContext, cfg: SelfStabConfig) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
+    from ..data import hessian_batches
+    from ..params import flat_params, loss_of_params, unflatten
+    from .context import add_ident, finite
+
+    model = ctx.model()
+    nan = math.nan
+    row: dict[str, Any] = {"lambda1": nan, "grad_norm": nan, "grad_curvature": nan, "alpha": nan, "beta": nan}
+    ident = ctx.ident
+    have_u = ctx.eigvecs is not None and len(ctx.eigvecs["eigenvalues"]) > 0
+    if ctx.status != "diverged" and finite(model) and have_u:
+        model = model.double().eval()
+        f = loss_of_params(model, ctx.loss_fn)
+        like = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+        chunks = hessian_batches(ctx.data, cfg.n or len(ctx.data.hessian_idx))
+        total = sum(len(y) for _, y in chunks)
+        wd = ctx.run.optimizer.weight_decay
+
+        def loss(th: torch.Tensor) -> torch.Tensor:
+            data_loss = sum(f(unflatten(th, like), x.double() if x.is_floating_point() else x, y) * len(y)
+                            for x, y in chunks) / total
+            return data_loss + 0.5 * wd * th.square().sum()
+
+        u = ctx.eigvecs["eigenvectors"][0].double()
+        row = third_order_terms(loss, flat_params(model).double(), u / u.norm())
+    elif ctx.status != "diverged" and finite(model):
+        pass  # no eigenvector: NaN row, status as it is
+    else:
+        ident = {**ident, "status": "diverged"}
+    row["eta_lambda_half"] = ctx.lr * row["lambda1"] / 2
+    df = pd.DataFrame([row])
+    add_ident(df, ident)
+    return {"selfstab": df}
+
+
+ANALYSIS = Analysis(
+    name="selfstab",
+    config=SelfStabConfig,
+    compute=compute,
+    select=strided,
+    format_version=1,
+    summary="curvature along the gradient and Damian et al.'s self-stabilization terms α = −∇L·∇S, β = ‖∇S‖² "
+    "(off by default)",
+)
