@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import griffe
+if TYPE_CHECKING:  # griffe comes with the docs extra; the tests (test extra) read API_MODULES only
+    import griffe
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("mkdocs.hooks.docstrings")
@@ -50,6 +51,8 @@ def _public(obj: griffe.Object | griffe.Alias) -> Iterator[griffe.Object | griff
 
 def undocumented(module: str) -> list[str]:
     """Paths of the public classes, functions and methods of ``module`` without a docstring."""
+    import griffe
+
     mod = griffe.load(module, search_paths=[str(ROOT)], resolve_aliases=True, resolve_external=False)
     missing = []
     for member in _public(mod):

@@ -9,24 +9,14 @@ The source files stay as they are.
 
 from __future__ import annotations
 
-import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|data|attr|obj|exc|const):`(~?)([^`]+)`")
-DOUBLE = re.compile(r"``(.+?)``", re.S)
-
-
-def _role(m: re.Match[str]) -> str:
-    tilde, target = m.groups()
-    target = target.strip()
-    return f"`{target.rsplit('.', 1)[-1] if tilde else target.lstrip('.')}`"
-
-
-def markdown(text: str) -> str:
-    """A docstring with Sphinx roles and RST double backquotes as Markdown code spans."""
-    return DOUBLE.sub(r"`\1`", ROLE.sub(_role, text))
+sys.path.insert(0, str(Path(__file__).parent))
+from sharpflow_markup import markdown  # a sibling file, not a package
 
 
 def _comment_above(attr: griffe.Attribute) -> str | None:
