@@ -65,20 +65,23 @@ def main() -> None:
             op.matvec(v)
         rows = []
 
-        def timed(name: str, fn, ops) -> None:
+        def timed(name: str, fn, ops, products=None):
             before = [op.matvecs for op in ops]
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             secs = time.perf_counter() - t0
-            rows.append((name, sum(op.matvecs for op in ops) - sum(before), secs))
+            done = sum(op.matvecs for op in ops) - sum(before) if products is None else products(out)
+            rows.append((name, done, secs))
+            return out
 
-        timed("top-10 of H, tol 1e-3 (anchor)", lambda: top_eigenpairs(h, k=10, tol=1e-3), [h])
+        top = timed("top-10 of H, tol 1e-3 (anchor)", lambda: top_eigenpairs(h, k=10, tol=1e-3), [h])
         timed("SLQ 10 probes x 50 steps", lambda: spectral_density(h, 10, 50), [h])
         timed("SLQ 5 probes x 30 steps (default suite)", lambda: spectral_density(h, 5, 30), [h])
         timed("top-10 of G, tol 1e-3", lambda: top_eigenpairs(g, k=10, tol=1e-3), [g])
         resid = h - g
         timed("top-10 |.| of H - G, tol 1e-3 (each an H and a G product)",
               lambda: top_eigenpairs(resid, k=10, tol=1e-3, which="LM"), [resid])
+        _sharpness_family(ctx, top, timed)
         reps = 20
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -92,8 +95,36 @@ def main() -> None:
     print(f"{a.run}, step {a.steps}, D = {h.dim}, N = {len(data.hessian_idx)}, {a.threads} thread(s)")
     print(f"{'quantity':44s} {'products':>9s} {'seconds':>8s} {'× anchor (products, s)':>24s}")
     for name, mv, secs in rows:
-        print(f"{name:44s} {mv:9d} {secs:8.2f} {mv / anchor[1]:11.1f} {secs / anchor[2]:11.1f}")
+        prods = f"{mv:9d} {mv / anchor[1]:11.1f}" if mv >= 0 else f"{'–':>9s} {'–':>11s}"
+        print(f"{name:44s} {prods[:9]} {secs:8.2f} {prods[10:]} {secs / anchor[2]:11.1f}")
+    print("(–: no Hessian products; the sharpness measures cost forward/backward passes, counted in the "
+          "docstring of _sharpness_family)")
     print(f"one product: H {1000 * th:.2f} ms, G {1000 * tg:.2f} ms (G/H = {tg / th:.2f})")
+
+
+def _sharpness_family(ctx, top, timed) -> None:
+    """The sharpness family at the defaults of their config sections, on the same checkpoint:
+
+    - ``sharpness``: worst case, 4 batches of 128 × (10 ascent steps: 11 forward, 10 backward passes);
+      average case, 17 forward passes over the N examples; no Hessian products;
+    - ``blocks``: one certified top pair per weight block, each product a full H product;
+    - ``selfstab``: one gradient, two Hessian-vector products with create_graph and one third-order
+      backward over the N examples (reported as 3 products).
+    """
+    from sharpflow.analyses.blocks import BlocksConfig
+    from sharpflow.analyses.blocks import compute as blocks
+    from sharpflow.analyses.selfstab import SelfStabConfig
+    from sharpflow.analyses.selfstab import compute as selfstab
+    from sharpflow.analyses.sharpness import SharpnessConfig
+    from sharpflow.analyses.sharpness import compute as sharpness
+
+    ctx.eigvecs = {"eigenvalues": top.eigenvalues, "eigenvectors": top.eigenvectors}
+    timed("sharpness: worst (4x128, 10 steps) + average (16)", lambda: sharpness(ctx, SharpnessConfig(enabled=True)),
+          [], lambda out: -1)
+    timed("blocks: top eigenvalue of each weight block", lambda: blocks(ctx, BlocksConfig(enabled=True)), [],
+          lambda out: int(out["blocks"]["matvecs"].sum()))
+    timed("selfstab: gHg/|g|^2, alpha, beta (third order)", lambda: selfstab(ctx, SelfStabConfig(enabled=True)), [],
+          lambda out: 3)
 
 
 if __name__ == "__main__":
