@@ -4,12 +4,15 @@ A :class:`Claim` names the statement, the paper it comes from, the statistic tha
 presentation kind whose config items give its runs (the studies of every figure or table of that
 kind) and link its figures, and the per-run tables it reads. The ``claims`` stage
 (``sharpflow claims``, rule ``claims``) evaluates every declared claim on those runs
-(:mod:`.checks`) and writes ``tables/claims.{md,csv,tex}``: the statistic, the verdict ("holds",
-"does not hold", "not enough data" naming what is missing) and the evidence.
+(:mod:`.checks`) and writes ``tables/claims.{md,csv,tex}``: the statistic with its 95 % interval
+(:mod:`.intervals`), the verdict by the interval ("holds", "does not hold", "inconclusive" with the
+units a clear verdict would need, "not enough data" naming what is missing) and the evidence.
 
 Thresholds are fields of :class:`ClaimsConfig` (the ``claims`` config section) with documented
 defaults: those of claims 1-7 fixed before any run was looked at, those of 8-11 from the papers'
-wording after exploratory runs; a study must never tune them until a claim holds.
+wording after exploratory runs; ``accuracy_margin_pct`` (claim 7's non-inferiority margin, which
+replaced the seed-spread rule when verdicts became intervals) before the seeded runs were seen. A
+study must never tune them until a claim holds.
 Adding a claim: one :class:`Claim` entry in :data:`CLAIMS` and its function in :mod:`.checks`.
 
 Light: no pandas or torch here (the Snakefile imports it).
@@ -48,9 +51,10 @@ class ClaimsConfig(Strict):
         0.5, gt=0, le=1, description="Claim 5: the fraction of e_1 steps that raise the loss must be this much "
         "larger where η·λ_1/2 > 1 than where it is < 1.")
     min_points: PositiveInt = Field(5, description="Claim 5: checkpoint×gradient points needed on each side of 1.")
-    spread_factor: NonNegativeFloat = Field(
-        1.0, description="Claims 6, 7: a difference between γ and γ = 1 counts only beyond this × the sum of the "
-        "two groups' sample standard deviations over seeds.")
+    accuracy_margin_pct: NonNegativeFloat = Field(
+        1.0, description="Claim 7: 'generalises no worse' = the difference of mean test accuracy from γ = 1's "
+        "(Welch interval over seeds) lies above −this, in percentage points (set with the intervals, before the "
+        "seeded runs were seen).")
     edge_tolerance: float = Field(
         1.25, gt=1, description="Claims 8-10: 'at the edge' = a median ratio (η·λ_1/2, η·BS/2, λ_1(P⁻¹H) over "
         "Adam's threshold) within [1/edge_tolerance, edge_tolerance]; 'reached' = the ratio at or above "
@@ -86,36 +90,45 @@ TINY = "Gur-Ari et al. 2018"
 #: The claims, in the order the table lists them.
 CLAIMS: tuple[Claim, ...] = (
     Claim(1, "λ_1 peaks early in training, then falls or plateaus", SEED,
-          "per run: the epoch of peak λ_1 and the ratio final/peak", "grid", ("spectrum",), "peak_early"),
+          "per grid: mean over runs of the fraction of training by which λ_1 is within plateau_ratio of its "
+          "peak (t interval over runs)", "grid", ("spectrum",), "peak_early"),
     Claim(2, "a larger η or a smaller S gives a lower peak λ_1", SEED,
-          "Spearman ρ between η (and 1/S) and the peak λ_1 over each grid", "grid", ("spectrum",), "lower_peak"),
+          "Spearman ρ between η (and 1/S) and the seed-mean peak λ_1 over each grid (t bootstrap over seeds)", "grid",
+          ("spectrum",), "lower_peak"),
     Claim(3, "SGD is steered to where η·λ_1/2 ≈ 1, never far above", SEED,
-          "per mini-batch run: peak and median η·λ_1/2 after the early phase", "grid", ("spectrum",),
+          "per mini-batch run: peak (observed maximum; t interval over seeds) and median η·λ_1/2 after "
+          "the early phase (order-statistic interval; t over seeds)", "grid", ("spectrum",),
           "steered"),
     Claim(4, "mini-batch gradients align with the top Hessian eigenvectors", SEED,
-          "per run: mean |cos(g, e_i)|, i ≤ top, as a multiple of the random baseline", "alignment",
+          "per run: mean |cos(g, e_i)|, i ≤ top, as a multiple of the random baseline (delta-method "
+          "interval; t over seeds)", "alignment",
           ("alignment",), "aligned"),
     Claim(5, "the SGD step along e_1 overshoots (raises the loss) when η·λ_1/2 > 1", SEED,
-          "fraction of e_1 steps (multiplier 1) that raise the loss, where η·λ_1/2 > 1 vs < 1", "decomposed",
+          "fraction of e_1 steps (multiplier 1) that raise the loss, where η·λ_1/2 > 1 vs < 1 "
+          "(difference, Newcombe interval)", "decomposed",
           ("decomposed",), "overshoot"),
     Claim(6, "Nudged-SGD with γ < 1 ends sharper, with γ > 1 flatter", SEED,
-          "λ_max at best validation per γ against γ = 1, beyond the seed spread", "nsgd",
+          "λ_max at best validation per γ minus γ = 1's (Welch interval over seeds)", "nsgd",
           ("metrics", "spectrum", "spectrum_best"), "nsgd_sharpness"),
     Claim(7, "Nudged-SGD with γ < 1 generalises no worse than γ = 1", SEED,
-          "test accuracy at best validation per γ < 1 against γ = 1, beyond the seed spread", "nsgd",
+          "test accuracy at best validation per γ < 1 minus γ = 1's, above −accuracy_margin_pct "
+          "(Welch interval over seeds)", "nsgd",
           ("metrics", "spectrum", "spectrum_best"), "nsgd_generalisation"),
     Claim(8, "full-batch GD: λ_1 rises until η·λ_1/2 ≈ 1, then hovers there", EOS,
-          "per full-batch GD run: median η·λ_1/2 over the second half (after the edge is first reached)",
+          "per full-batch GD run: median η·λ_1/2 over the second half (after the edge is first reached; "
+          "order-statistic interval; t over seeds)",
           "eos", ("spectrum",), "edge_of_stability"),
     Claim(9, "mini-batch SGD: batch sharpness settles at 2/η, λ_1 below it", ESS,
-          "per mini-batch run: median η·BS/2 and η·λ_1/2 over the second half", "batch_sharpness",
+          "per mini-batch run: median η·BS/2 and η·λ_1/2 − η·BS/2 over the second half (order-statistic "
+          "intervals; t over seeds)", "batch_sharpness",
           ("batch_sharpness",), "batch_edge"),
     Claim(10, "Adam: λ_1(P⁻¹H) settles at (2+2β₁)/(η(1−β₁))", ADAM,
-          "per Adam run: median λ_1(P⁻¹H) over its threshold over the second half (after it is first reached)",
+          "per Adam run: median λ_1(P⁻¹H) over its threshold over the second half (after it is first "
+          "reached; order-statistic interval; t over seeds)",
           "precond", ("precond",), "adam_edge"),
     Claim(11, "after an early phase the gradient lies mostly in the top-C eigenspace, which changes slowly", TINY,
           "per run: median share of ‖g‖² in the top-C eigenspace and top-C overlap of consecutive checkpoints "
-          "over the second half", "subspace", ("subspace",), "tiny_subspace"),
+          "over the second half (order-statistic intervals; t over seeds)", "subspace", ("subspace",), "tiny_subspace"),
 )
 
 #: Every table kind a claim reads.
@@ -125,7 +138,7 @@ READS: tuple[str, ...] = tuple(dict.fromkeys(t for c in CLAIMS for t in c.reads)
 def code_files() -> list[Path]:
     """The source files whose edits should re-evaluate the claims (absolute)."""
     here = Path(__file__).resolve().parent
-    return [here / "__init__.py", here / "checks.py", here.parent / "results.py",
+    return [here / "__init__.py", here / "checks.py", here / "intervals.py", here.parent / "results.py",
             here.parent / "tables" / "_common.py", here.parent / "tables" / "nsgd.py"]
 
 

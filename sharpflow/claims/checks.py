@@ -2,15 +2,19 @@
 
 Each check takes the loaded tables (:class:`~sharpflow.results.Data`), the runs the claim is
 tested on and the thresholds, and returns an :class:`Outcome`: what was measured (one line per
-run or group), the verdict and, for "not enough data", what is missing. The verdicts:
+run or group, each statistic with its 95 % interval and the number of units it is over), the
+verdict and why. Each statistic is judged by its interval (:mod:`.intervals`):
 
-- ``holds``: the statistic meets the documented threshold on every run (or group) tested;
-- ``does not hold``: it misses it on at least one (those are named);
-- ``not enough data``: too few usable runs, checkpoints or seeds (named), or no study of the kind.
+- ``holds``: every test's interval lies on the claim's side of its threshold;
+- ``does not hold``: at least one test's interval lies wholly on the other side (those are named);
+- ``inconclusive``: an interval straddles its threshold, or there are too few units for one; the
+  reason says how many units would be needed at the observed spread (80 % power);
+- ``not enough data``: what a claim needs is missing entirely (no study of the kind, no rows), named.
 
-Where seeds exist (claims 6, 7) a difference between two groups counts only beyond the seed
-spread (``spread_factor`` × the sum of their sample standard deviations); with one seed there is
-no spread and the verdict is "not enough data".
+The unit an interval is over: seeds where runs differ only by seed (their per-seed statistics);
+otherwise the runs of a grid (claims 1, 2), the steps (5), the gradient rows (4) or the
+checkpoints of one run (3, 8-11), which are serially correlated: intervals over checkpoints are
+narrower than the run-to-run variation.
 """
 
 from __future__ import annotations
@@ -24,12 +28,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import Data, adaptive, lambda_max_rows, load, second_half_median
+from ..results import Data, adaptive, lambda_max_rows, load
 from ..tables._common import Column, Table, mean_std, write
 from ..tables.nsgd import run_summary
 from . import CLAIMS, READS, Claim, ClaimsConfig
+from .intervals import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    Estimate,
+    combine,
+    difference_proportions,
+    difference_welch,
+    judge,
+    judge_band,
+    mean_t,
+    median_exact,
+    ratio_of_means,
+    spearman_of_means,
+)
 
-HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
+NO_DATA = "not enough data"
 
 
 @dataclass
@@ -65,57 +84,62 @@ def _lambda_curve(data: Data, run: str) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ claims
 def peak_early(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
-    """Claim 1: per run, λ_1 reaches its peak (or plateau_ratio × the peak) by early_fraction of the
-    run's checkpointed training."""
-    measured, failing, short = [], [], []
+    """Claim 1: per grid (each run a unit, seeds included), the mean over runs of the fraction of the
+    run's checkpointed training by which λ_1 first comes within plateau_ratio of its peak is at most
+    early_fraction (t interval over runs)."""
+    by_study: dict[str, list[tuple[str, float]]] = {}
+    short = []
     for run in runs:
         c = _lambda_curve(data, run)
         if len(c) < 3:
             short.append(run)
             continue
         lam, ep = c["lam"].to_numpy(), c["epoch"].to_numpy()
-        i = int(np.argmax(lam))
-        peak, last = float(lam[i]), float(ep[-1])
-        cutoff = cfg.early_fraction * last
-        reached = float(lam[ep <= cutoff].max()) if (ep <= cutoff).any() else -math.inf
-        ok = ep[i] <= cutoff or reached >= cfg.plateau_ratio * peak
-        measured.append(f"{_label(data, run)}: peak {peak:.3g} at epoch {ep[i]:.3g} of {last:.3g}, "
-                        f"final/peak {lam[-1] / peak:.2f}")
-        if not ok:
-            failing.append(run)
-    return _verdict(measured, failing, short, "fewer than 3 finite checkpoints")
+        peak, last = float(lam.max()), float(ep[-1])
+        first = float(ep[np.flatnonzero(lam >= cfg.plateau_ratio * peak)[0]])
+        by_study.setdefault(data.study(run), []).append((run, first / last if last > 0 else math.nan))
+    if not by_study:
+        return _no_runs(short, "fewer than 3 finite checkpoints")
+    tests = []
+    for study, vals in by_study.items():
+        est = mean_t([v for _, v in vals], "runs")
+        verdict, why = judge(est, cfg.early_fraction, "<=")
+        per_run = ", ".join(f"{_fmt(v, '{:.2f}')}" for _, v in vals)
+        tests.append(_Test(f"{study}: mean fraction {est.text()} (per run: {per_run})", verdict, study, why))
+    return _combine(tests, short, "fewer than 3 finite checkpoints")
 
 
 def lower_peak(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
-    """Claim 2: within each group of runs differing only in η (or only in S), Spearman ρ between η
-    (or 1/S) and the peak λ_1 is at most −min_rho; at least 3 distinct values per group."""
+    """Claim 2: within each group of runs differing only in η (or only in S), Spearman ρ between η (or
+    1/S) and the seed-mean peak λ_1 is at most −min_rho (t bootstrap over seeds: 2 seeds per value at
+    least for an interval); at least 3 distinct values per group."""
     peaks = {r: float(c["lam"].max()) for r in runs if len(c := _lambda_curve(data, r))}
-    measured, failing, short = [], [], []
-    tested = 0
+    tests, short = [], []
     for key, name, transform in (("lr", "η", float), ("batch_size", "1/S", lambda s: 1.0 / float(s))):
         for group in _groups_varying_only(data, [r for r in peaks if _numeric(data.value(r, key))], key):
-            xs = sorted({transform(data.value(r, key)) for r in group})
-            if len(xs) < 3:
+            by_x: dict[float, list[str]] = {}
+            for r in group:
+                by_x.setdefault(transform(data.value(r, key)), []).append(r)
+            if len(by_x) < 3:
                 short.extend(group)
                 continue
-            tested += 1
-            x = [transform(data.value(r, key)) for r in group]
-            y = [peaks[r] for r in group]
-            rho = _spearman(x, y)
-            pairs = ", ".join(f"{data.value(r, key)}→{peaks[r]:.3g}" for _, r in sorted(zip(x, group, strict=True)))
-            measured.append(f"ρ({name}, peak λ_1) = {rho:+.2f} over {len(group)} runs ({pairs})")
-            if not rho <= -cfg.min_rho:
-                failing.extend(group)
-    if tested == 0:
-        return Outcome(NO_DATA, measured, "no group of ≥ 3 runs differing only in η or only in S"
+            xs = sorted(by_x)
+            est = spearman_of_means(xs, [[peaks[r] for r in by_x[x]] for x in xs], "seeds")
+            verdict, why = judge(est, -cfg.min_rho, "<=")
+            pairs = ", ".join(f"{data.value(by_x[x][0], key)}→{np.mean([peaks[r] for r in by_x[x]]):.3g}" for x in xs)
+            tests.append(_Test(f"ρ({name}, peak λ_1) = {est.text()} per value (seed means: {pairs})", verdict,
+                               f"the {name} group", why))
+    if not tests:
+        return Outcome(NO_DATA, [], "no group of ≥ 3 runs differing only in η or only in S"
                        + (f" (runs: {', '.join(sorted(set(short)))})" if short else ""))
-    return _verdict(measured, failing, [], "")
+    return _combine(tests, [], "")
 
 
 def steered(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
-    """Claim 3: after the early phase, no mini-batch run has η·λ_1/2 above far_above, and the run(s)
-    at the largest η have a median η·λ_1/2 of at least near_low."""
-    stats: dict[str, tuple[float, float, float]] = {}
+    """Claim 3: after the early phase, no mini-batch run's η·λ_1/2 goes above far_above (its observed
+    maximum; with seeds, the seed mean of the maxima with a t interval), and at the largest η the median
+    η·λ_1/2 is at least near_low (over checkpoints, or the seed mean of the medians)."""
+    late: dict[str, np.ndarray] = {}
     short = []
     for run in runs:
         eta, bs = data.value(run, "lr"), data.value(run, "batch_size")
@@ -125,25 +149,36 @@ def steered(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
         if len(c) == 0:
             short.append(run)
             continue
-        late = c[c["epoch"] >= cfg.skip_fraction * float(c["epoch"].max())]
-        ratio = float(eta) * late["lam"].to_numpy() / 2
-        stats[run] = (float(eta), float(ratio.max()), float(np.median(ratio)))
-    if not stats:
+        sel = c[c["epoch"] >= cfg.skip_fraction * float(c["epoch"].max())]
+        late[run] = float(eta) * sel["lam"].to_numpy() / 2
+    if not late:
         return Outcome(NO_DATA, [], "no mini-batch run with a spectrum"
                        + (f" (missing: {', '.join(short)})" if short else ""))
-    top_eta = max(s[0] for s in stats.values())
-    measured, failing = [], []
-    for run, (eta, peak, med) in stats.items():
-        measured.append(f"{_label(data, run)}: η·λ_1/2 peak {peak:.2f}, median {med:.2f}")
-        if peak > cfg.far_above or (eta == top_eta and med < cfg.near_low):
-            failing.append(run)
-    return _verdict(measured, failing, short, "no spectrum")
+    top_eta = max(float(data.value(r, "lr")) for r in late)
+    tests = []
+    for label, members in _replicates(data, list(late)).items():
+        if len(members) > 1:
+            peak = mean_t([late[r].max() for r in members], "seeds")
+            verdict, why = judge(peak, cfg.far_above, "<=")
+            text = f"{label}: peak η·λ_1/2 {peak.text()}"
+        else:
+            value = float(late[members[0]].max())
+            verdict, why = (HOLDS if value <= cfg.far_above else FAILS), ""
+            text = f"{label}: peak η·λ_1/2 {value:.2f} (observed maximum)"
+        tests.append(_Test(text, verdict, label, why))
+        if float(data.value(members[0], "lr")) == top_eta:
+            med = _median_over(data, {r: late[r] for r in members})
+            verdict, why = judge(med, cfg.near_low, ">=")
+            tests.append(_Test(f"{label}: median η·λ_1/2 {med.text()}", verdict, label, why))
+    return _combine(tests, short, "no spectrum")
 
 
 def aligned(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     """Claim 4: per run, the mean |cos(g, e_i)| of mini-batch gradients over i ≤ alignment_top and
-    all checkpoints, divided by the mean |cos| with random directions, is at least alignment_factor."""
-    measured, failing, short = [], [], []
+    all checkpoints, divided by the mean |cos| with random directions, is at least alignment_factor
+    (delta-method interval over the rows; with seeds, a t interval over the seeds' ratios)."""
+    ratios: dict[str, Estimate] = {}
+    short = []
     for run in runs:
         al = data.rows("alignment", run)
         if len(al) == 0:
@@ -152,20 +187,22 @@ def aligned(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
         al = al[(al["source"] == "minibatch") & (al["status"] != "diverged")]
         eig = al[(al["kind"] == "eigen") & (al["rank"] <= cfg.alignment_top)]["abs_cos"].to_numpy(float)
         rnd = al[al["kind"] == "random"]["abs_cos"].to_numpy(float)
-        eig, rnd = eig[np.isfinite(eig)], rnd[np.isfinite(rnd)]
-        if len(eig) == 0 or len(rnd) == 0 or rnd.mean() <= 0:
+        est = ratio_of_means(eig, rnd, "gradient rows")
+        if not math.isfinite(est.value):
             short.append(run)
             continue
-        mult = float(eig.mean() / rnd.mean())
-        measured.append(f"{_label(data, run)}: {eig.mean():.3g} vs random {rnd.mean():.3g} = {mult:.1f}×")
-        if mult < cfg.alignment_factor:
-            failing.append(run)
-    return _verdict(measured, failing, short, "no alignment rows")
+        ratios[run] = est
+    tests = []
+    for label, members in _replicates(data, list(ratios)).items():
+        est = ratios[members[0]] if len(members) == 1 else mean_t([ratios[r].value for r in members], "seeds")
+        verdict, why = judge(est, cfg.alignment_factor, ">=")
+        tests.append(_Test(f"{label}: multiple of the random baseline {est.text()}", verdict, label, why))
+    return _combine(tests, short, "no alignment rows")
 
 
 def overshoot(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     """Claim 5: over the e_1 rows at multiplier 1 of every run, the fraction that raised the loss is
-    at least overshoot_gap larger where η·λ_1/2 > 1 than where it is < 1."""
+    at least overshoot_gap larger where η·λ_1/2 > 1 than where it is < 1 (Newcombe interval)."""
     frames = [data.rows("decomposed", r) for r in runs]
     present = [r for r, f in zip(runs, frames, strict=True) if len(f)]
     missing = [r for r in runs if r not in present]
@@ -176,37 +213,41 @@ def overshoot(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     d = d[(d["direction"] == "e1") & np.isclose(d["multiplier"].to_numpy(float), 1.0) & ~d["diverged"].astype(bool)]
     d = d[np.isfinite(d["rel_change_pct"].to_numpy(float)) & np.isfinite(d["eta_lambda_half"].to_numpy(float))]
     above, below = d[d["eta_lambda_half"] > 1], d[d["eta_lambda_half"] < 1]
-    measured = [f"η·λ_1/2 > 1: {int((above['rel_change_pct'] > 0).sum())} of {len(above)} steps raised the loss; "
-                f"< 1: {int((below['rel_change_pct'] > 0).sum())} of {len(below)} (runs: {', '.join(present)})"]
+    k1, k2 = int((above["rel_change_pct"] > 0).sum()), int((below["rel_change_pct"] > 0).sum())
+    measured = [f"η·λ_1/2 > 1: {k1} of {len(above)} steps raised the loss; "
+                f"< 1: {k2} of {len(below)} (runs: {', '.join(present)})"]
     if len(above) < cfg.min_points or len(below) < cfg.min_points:
         return Outcome(NO_DATA, measured, f"fewer than {cfg.min_points} points on one side of η·λ_1/2 = 1")
-    gap = float((above["rel_change_pct"] > 0).mean() - (below["rel_change_pct"] > 0).mean())
-    measured.append(f"difference in the fraction raising the loss: {gap:+.2f} (threshold {cfg.overshoot_gap:g})")
-    return Outcome(HOLDS if gap >= cfg.overshoot_gap else FAILS, measured)
+    est = difference_proportions(k1, len(above), k2, len(below), "steps")
+    verdict, why = judge(est, cfg.overshoot_gap, ">=")
+    measured.append(f"difference in the fraction raising the loss: {est.text()} (threshold {cfg.overshoot_gap:g})")
+    return Outcome(verdict, measured, why)
 
 
 def nsgd_sharpness(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
-    """Claim 6: mean λ_max at best validation is above γ = 1's for every γ < 1 and below it for every
-    γ > 1, each by more than the seed spread."""
-    return _versus_gamma_one(data, runs, cfg, "lmax_best", "λ_max at best validation",
-                             lambda g, diff, spread: diff > spread if g < 1 else -diff > spread)
+    """Claim 6: the difference of mean λ_max at best validation from γ = 1's is above 0 for every γ < 1
+    and below 0 for every γ > 1 (Welch interval over seeds)."""
+    return _versus_gamma_one(data, runs, "lmax_best", "λ_max at best validation",
+                             lambda g: (0.0, ">=") if g < 1 else (0.0, "<="))
 
 
 def nsgd_generalisation(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
-    """Claim 7: for every γ < 1, mean test accuracy at best validation is not below γ = 1's by more
-    than the seed spread."""
-    return _versus_gamma_one(data, runs, cfg, "test_acc_best_pct", "test accuracy (%) at best validation",
-                             lambda g, diff, spread: diff >= -spread, only_below_one=True)
+    """Claim 7: for every γ < 1, the difference of mean test accuracy at best validation from γ = 1's
+    is above −accuracy_margin_pct (Welch interval over seeds)."""
+    return _versus_gamma_one(data, runs, "test_acc_best_pct", "test accuracy (%) at best validation",
+                             lambda g: (-cfg.accuracy_margin_pct, ">="), only_below_one=True)
 
 
 def _at_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig,
              curve: Callable[[str], tuple[np.ndarray, np.ndarray] | None], what: str) -> Outcome:
     """Claims 8 and 10: per run, the ratio curve (steps, ratio to the threshold) must reach
     1/edge_tolerance; from then on (and over the second half) its median must lie within
-    [1/edge_tolerance, edge_tolerance]. Runs that never reach it are named and left out; with none
+    [1/edge_tolerance, edge_tolerance] (order-statistic interval over those checkpoints; with seeds,
+    a t interval over the seeds' medians). Runs that never reach it are named and left out; with none
     reaching it, not enough data."""
     lo, hi = 1 / cfg.edge_tolerance, cfg.edge_tolerance
-    measured, failing, short, unreached = [], [], [], []
+    measured, short, unreached = [], [], []
+    kept: dict[str, np.ndarray] = {}
     for run in runs:
         c = curve(run)
         if c is None or int(np.isfinite(c[1]).sum()) < 3:
@@ -220,16 +261,18 @@ def _at_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig,
             measured.append(f"{_label(data, run)}: {what} never reached {lo:.2f} (max {y.max():.2f})")
             unreached.append(run)
             continue
-        sel = x >= max(float(x[hit[0]]), float(x.max()) / 2)
-        med = float(np.median(y[sel]))
-        measured.append(f"{_label(data, run)}: reached at step {x[hit[0]]:g}; median {what} {med:.2f} over "
-                        f"{int(sel.sum())} checkpoints")
-        if not lo <= med <= hi:
-            failing.append(run)
-    if unreached and len(unreached) + len(short) == len(runs):
+        kept[run] = y[x >= max(float(x[hit[0]]), float(x.max()) / 2)]
+        measured.append(f"{_label(data, run)}: reached at step {x[hit[0]]:g}")
+    if unreached and not kept:
         return Outcome(NO_DATA, measured, f"no run reached the edge: {', '.join(unreached)}"
                        + (f"; too few checkpoints: {', '.join(short)}" if short else ""))
-    out = _verdict(measured, failing, short, "fewer than 3 finite checkpoints")
+    tests = []
+    for label, members in _replicates(data, list(kept)).items():
+        est = _median_over(data, {r: kept[r] for r in members})
+        verdict, why = judge_band(est, lo, hi)
+        tests.append(_Test(f"{label}: median {what} {est.text()}", verdict, label, why))
+    out = _combine(tests, short, "fewer than 3 finite checkpoints")
+    out.measured = measured + out.measured
     if unreached:
         out.reason = "; ".join(x for x in (out.reason, f"did not reach the edge (left out): {', '.join(unreached)}")
                                if x)
@@ -266,9 +309,12 @@ def adam_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
 
 def batch_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     """Claim 9: per mini-batch (non-adaptive) run, the median η·BS/2 over the second half lies within
-    the band, and the median η·λ_1/2 is below it."""
+    the band, and the median of η·λ_1/2 − η·BS/2 is below 0 (order-statistic intervals over those
+    checkpoints; with seeds, t intervals over the seeds' medians)."""
     lo, hi = 1 / cfg.edge_tolerance, cfg.edge_tolerance
-    measured, failing, short = [], [], []
+    bs_vals: dict[str, np.ndarray] = {}
+    gap_vals: dict[str, np.ndarray] = {}
+    short = []
     for run in runs:
         if data.value(run, "batch_size") == "full" or adaptive(data, run):
             continue
@@ -277,31 +323,48 @@ def batch_edge(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
         if len(d) < 3:
             short.append(run)
             continue
-        bs = second_half_median(d["step"], d["ratio"])
-        lam = second_half_median(d["step"], d["lambda1_ratio"])
-        measured.append(f"{_label(data, run)}: median η·BS/2 {bs:.2f}, η·λ_1/2 {lam:.2f}")
-        if not (lo <= bs <= hi and lam < bs):
-            failing.append(run)
-    return _verdict(measured, failing, short, "fewer than 3 checkpoints")
+        step = d["step"].to_numpy(float)
+        second = step >= step.max() / 2
+        bs_vals[run] = d["ratio"].to_numpy(float)[second]
+        gap_vals[run] = (d["lambda1_ratio"].to_numpy(float) - d["ratio"].to_numpy(float))[second]
+    tests = []
+    for label, members in _replicates(data, list(bs_vals)).items():
+        bs = _median_over(data, {r: bs_vals[r] for r in members})
+        gap = _median_over(data, {r: gap_vals[r] for r in members})
+        v1, why1 = judge_band(bs, lo, hi)
+        v2, why2 = judge(gap, 0.0, "<=")
+        tests.append(_Test(f"{label}: median η·BS/2 {bs.text()}", v1, label, why1))
+        tests.append(_Test(f"{label}: median η·λ_1/2 − η·BS/2 {gap.text()}", v2, label, why2))
+    return _combine(tests, short, "fewer than 3 checkpoints")
 
 
 def tiny_subspace(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     """Claim 11: per run, the median (second half) share of ‖g‖² in the top-C eigenspace is at least
-    subspace_share and the median top-C overlap of consecutive checkpoints at least subspace_overlap.
+    subspace_share and the median top-C overlap of consecutive checkpoints at least subspace_overlap
+    (order-statistic intervals over those checkpoints; with seeds, t intervals over the seeds' medians).
     A run whose spectrum has fewer than C eigenvectors is left out (K ≥ C is needed)."""
-    measured, failing, short = [], [], []
+    shares: dict[str, np.ndarray] = {}
+    overlaps: dict[str, np.ndarray] = {}
+    short = []
     for run in runs:
         d = data.rows("subspace", run)
         if len(d) == 0 or int(d["k"].max()) < cfg.classes:
             short.append(run)
             continue
         d = d[(d["k"] == cfg.classes) & (d["status"] != "diverged")].sort_values("step")
-        share = second_half_median(d["step"], d["fraction"])
-        overlap = second_half_median(d["step"], d["overlap"])
-        measured.append(f"{_label(data, run)}: top-{cfg.classes} share {share:.2f}, overlap {overlap:.2f}")
-        if not (share >= cfg.subspace_share and overlap >= cfg.subspace_overlap):
-            failing.append(run)
-    return _verdict(measured, failing, short, f"fewer than {cfg.classes} eigenvectors or no rows")
+        step = d["step"].to_numpy(float)
+        second = step >= step.max() / 2 if len(step) else step.astype(bool)
+        shares[run] = d["fraction"].to_numpy(float)[second]
+        overlaps[run] = d["overlap"].to_numpy(float)[second]
+    tests = []
+    for label, members in _replicates(data, list(shares)).items():
+        share = _median_over(data, {r: shares[r] for r in members})
+        overlap = _median_over(data, {r: overlaps[r] for r in members})
+        v1, why1 = judge(share, cfg.subspace_share, ">=")
+        v2, why2 = judge(overlap, cfg.subspace_overlap, ">=")
+        tests.append(_Test(f"{label}: top-{cfg.classes} share {share.text()}", v1, label, why1))
+        tests.append(_Test(f"{label}: top-{cfg.classes} overlap {overlap.text()}", v2, label, why2))
+    return _combine(tests, short, f"fewer than {cfg.classes} eigenvectors or no rows")
 
 
 CHECKS: dict[str, Callable[[Data, Sequence[str], ClaimsConfig], Outcome]] = {
@@ -313,40 +376,85 @@ CHECKS: dict[str, Callable[[Data, Sequence[str], ClaimsConfig], Outcome]] = {
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _verdict(measured: list[str], failing: list[str], short: list[str], why_short: str) -> Outcome:
-    if not measured:
-        return Outcome(NO_DATA, measured, f"{why_short}: {', '.join(short)}" if short else "no runs")
-    note = f"left out ({why_short}): {', '.join(short)}" if short else ""
+@dataclass
+class _Test:
+    """One interval-judged test of a claim (a run, a group of seeds, a grid)."""
+
+    measured: str
+    verdict: str
+    name: str
+    why: str = ""
+
+
+def _combine(tests: list[_Test], short: list[str], why_short: str) -> Outcome:
+    """The claim's verdict from its tests (:func:`~.intervals.combine`): the failing ones named, the
+    inconclusive ones with why; runs left out named."""
+    if not tests:
+        return _no_runs(short, why_short)
+    verdict = combine([t.verdict for t in tests])
+    notes = []
+    failing = list(dict.fromkeys(t.name for t in tests if t.verdict == FAILS))
     if failing:
-        return Outcome(FAILS, measured, "; ".join(x for x in (f"fails for {', '.join(failing)}", note) if x))
-    return Outcome(HOLDS, measured, note)
+        notes.append(f"fails for {', '.join(failing)}")
+    if verdict == INCONCLUSIVE:
+        notes += [f"inconclusive for {t.name}: {t.why}" for t in tests if t.verdict == INCONCLUSIVE]
+    if short:
+        notes.append(f"left out ({why_short}): {', '.join(short)}")
+    return Outcome(verdict, [t.measured for t in tests], "; ".join(notes))
+
+
+def _no_runs(short: list[str], why_short: str) -> Outcome:
+    return Outcome(NO_DATA, [], f"{why_short}: {', '.join(short)}" if short else "no runs")
 
 
 def _numeric(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+#: the run settings that tell runs apart besides the seed (the study: the one a replicate study repeats).
+REPLICATE_KEYS = ("study", "lr", "batch_size", "momentum", "optimizer", "gamma", "k", "subspace", "loss",
+                  "warmup_steps")
+
+
+def _replicates(data: Data, runs: list[str]) -> dict[str, list[str]]:
+    """The runs grouped into replicates (equal in every setting but the seed), by a label: the run's
+    label for a lone run, the first run's with "n seeds" for a group."""
+    groups: dict[tuple, list[str]] = {}
+    for r in runs:
+        key = tuple(repr(data.study(r) if k == "study" else data.value(r, k)) for k in REPLICATE_KEYS)
+        groups.setdefault(key, []).append(r)
+    out = {}
+    for members in groups.values():
+        if len(members) == 1:
+            out[_label(data, members[0])] = members
+        else:
+            seeds = ", ".join(str(data.value(r, "seed")) for r in members)
+            base = _label(data, members[0]).split(" (")[0]
+            out[f"{base} and its seeds ({seeds})"] = members
+    return out
+
+
+def _median_over(data: Data, values: dict[str, np.ndarray]) -> Estimate:
+    """One run: the median of its values with the order-statistic interval over them (checkpoints);
+    several seeds: the mean of their medians with a t interval over the seeds."""
+    if len(values) == 1:
+        return median_exact(next(iter(values.values())), "checkpoints")
+    meds = [float(np.median(v[np.isfinite(v)])) for v in values.values() if np.isfinite(v).any()]
+    return mean_t(meds, "seeds")
+
+
 def _groups_varying_only(data: Data, runs: list[str], key: str) -> list[list[str]]:
-    """The runs grouped by every sweep setting but ``key`` (and the seed, averaged over by ranks)."""
+    """The runs grouped by every sweep setting but ``key`` (and the seed, pooled)."""
     others = [k for k in ("lr", "batch_size", "momentum", "optimizer", "gamma", "k", "study") if k != key]
     groups: dict[tuple, list[str]] = {}
     for r in runs:
-        groups.setdefault(tuple(repr(data.value(r, k)) for k in others), []).append(r)
+        groups.setdefault(tuple(repr(data.study(r) if k == "study" else data.value(r, k)) for k in others),
+                          []).append(r)
     return list(groups.values())
 
 
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's ρ (average ranks for ties)."""
-    rx = pd.Series(list(x)).rank().to_numpy()
-    ry = pd.Series(list(y)).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _versus_gamma_one(data: Data, runs: Sequence[str], cfg: ClaimsConfig, key: str, what: str,
-                      ok: Callable[[float, float, float], bool], only_below_one: bool = False) -> Outcome:
-
+def _versus_gamma_one(data: Data, runs: Sequence[str], key: str, what: str,
+                      threshold: Callable[[float], tuple[float, str]], only_below_one: bool = False) -> Outcome:
     nsgd = [r for r in runs if data.value(r, "gamma") is not None and data.value(r, "optimizer") in (None, "nsgd")]
     if not nsgd:
         return Outcome(NO_DATA, [], "no Nudged-SGD runs")
@@ -357,7 +465,7 @@ def _versus_gamma_one(data: Data, runs: Sequence[str], cfg: ClaimsConfig, key: s
         g = (float(data.value(r, "gamma")), data.value(r, "k"))
         by_group.setdefault(g, []).append(v)
         names.setdefault(g, []).append(r)
-    measured, failing, short = [], [], []
+    tests, short = [], []
     for (gamma, k), vals in sorted(by_group.items(), key=lambda kv: (repr(kv[0][1]), kv[0][0])):
         if gamma == 1.0 or (only_below_one and gamma > 1):
             continue
@@ -367,19 +475,17 @@ def _versus_gamma_one(data: Data, runs: Sequence[str], cfg: ClaimsConfig, key: s
             continue
         m, s, n = mean_std(vals)
         m1, s1, n1 = mean_std(ref)
+        est = difference_welch(vals, ref, "seeds")
+        thr, side = threshold(gamma)
+        verdict, why = judge(est, thr, side)
         if n < 2 or n1 < 2:
-            short.append(f"γ={gamma:g} and γ=1 with ≥ 2 seeds each (have {n} and {n1}: "
-                         f"{', '.join(names[(gamma, k)] + names[(1.0, k)])})")
-            continue
-        spread = cfg.spread_factor * (s + s1)
-        diff = m - m1
-        measured.append(f"γ={gamma:g}: {what} {_fmt(m)} ± {_fmt(s)} vs γ=1 {_fmt(m1)} ± {_fmt(s1)} "
-                        f"(difference {diff:+.3g}, spread {spread:.3g})")
-        if not ok(gamma, diff, spread):
-            failing.append(f"γ={gamma:g}")
-    if not measured:
-        return Outcome(NO_DATA, measured, "need " + "; ".join(short) if short else "no γ ≠ 1 to compare")
-    return _verdict(measured, failing, short, "missing")
+            why = (f"γ={gamma:g} and γ=1 need ≥ 2 seeds each (have {n} and {n1}: "
+                   f"{', '.join(names[(gamma, k)] + names[(1.0, k)])})")
+        tests.append(_Test(f"γ={gamma:g}: {what} {_fmt(m)} ± {_fmt(s)} vs γ=1 {_fmt(m1)} ± {_fmt(s1)}; "
+                           f"difference {est.text()} (claim: {side} {thr:g})", verdict, f"γ={gamma:g}", why))
+    if not tests:
+        return Outcome(NO_DATA, [], "need " + "; ".join(short) if short else "no γ ≠ 1 to compare")
+    return _combine(tests, short, "missing")
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -429,9 +535,13 @@ def make_claims(spec: dict[str, Any], inputs: Sequence[str | Path], out_md: Path
     notes = ["Verdicts on these runs with the thresholds of the claims config section (defaults of claims 1-7 fixed "
              "before any run was seen, of 8-11 from the papers' wording after exploratory runs): "
              + ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if k != "enabled") + ".",
-             "A difference inside the seed spread is not a difference; 'not enough data' names what is missing."]
+             "Each statistic carries its 95 % interval and the units it is over (seeds where runs differ only by "
+             "seed; otherwise runs, steps, gradient rows or checkpoints of one run, which are correlated); the "
+             "verdict is by the interval: holds or does not hold where it is wholly on one side of the threshold, "
+             "inconclusive where it straddles it (with the units needed at that spread); 'not enough data' names "
+             "what is missing."]
     write(Table(columns, rows, notes), Path(out_md), Path(out_tex), Path(out_csv))
     return rows
 
 
-__all__ = ["CHECKS", "FAILS", "HOLDS", "NO_DATA", "Outcome", "evaluate", "make_claims"]
+__all__ = ["CHECKS", "FAILS", "HOLDS", "INCONCLUSIVE", "NO_DATA", "Outcome", "evaluate", "make_claims"]
