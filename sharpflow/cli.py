@@ -228,8 +228,19 @@ def cmd_claims(a: argparse.Namespace) -> None:
     from .claims.checks import make_claims
 
     t0 = time.perf_counter()
+    if a.compare is not None:
+        if a.spec is not None or a.config is not None:
+            raise SharpflowError("--compare reads two finished claims tables: give it without --spec or --config")
+        from .claims.compare import compare, report
+        from .io import write_text
+
+        text = report(compare(*a.compare), *a.compare)
+        print(text, end="")
+        if a.out_md is not None:
+            write_text(a.out_md, text)
+        return
     if (a.spec is None) == (a.config is None):
-        raise SharpflowError("give exactly one of --spec (with the input tables) and --config")
+        raise SharpflowError("give exactly one of --spec (with the input tables), --config and --compare")
     if a.config is not None:
         spec, inputs = _claims_from_config(a.config)
         out = Path(a.results or spec.pop("results")) / "tables"
@@ -415,8 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Markdown + LaTeX + CSV)",
                         description="From a config: sharpflow claims --config config/config.yaml (reads its results "
                         "tree, writes results/tables/claims.*; runs without tables count as missing). "
-                        "The workflow passes --spec and the input tables instead.")
+                        "The workflow passes --spec and the input tables instead. "
+                        "sharpflow claims --compare results_a results_b: do two results trees (two machines, two "
+                        "sets of seeds) give the same verdicts, and do their intervals overlap?")
     sp.add_argument("--config", type=Path, default=None, help="a sharpflow config file")
+    sp.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("A", "B"),
+                    help="two results roots (or claims.csv files) to compare claim by claim; with --out-md, "
+                    "also write the comparison there")
     sp.add_argument("--results", type=Path, default=None, help="with --config: the results root (default: its own)")
     sp.add_argument("--spec", default=None, help="JSON {config, claims, runs}, as the workflow writes it")
     sp.add_argument("--out-md", type=Path, default=None)

@@ -64,10 +64,16 @@ FORMAT_VERSION = {**STAGE_FORMAT_VERSION, **{name: a.format_version for name, a 
 class _StudyBase(Strict):
     """A named group of runs: ``base`` merged over ``defaults``, expanded over ``sweep``."""
 
+    omit_at_default = ("replicates",)
+
     base: dict[str, Any] = Field(default_factory=dict)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     analyse: bool = Field(True, description="Run the spectrum and the analyses on this study's checkpoints.")
     spectrum: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level spectrum.")
+    replicates: str | None = Field(
+        None, description="The name of another study whose runs these repeat with other seeds (usually with fewer "
+        "analyses): figures draw them as one study with a seed band, and the claims pool them with that study's "
+        "runs of the same settings, each seed a unit of the intervals.")
 
     @model_validator(mode="after")
     def _check(self) -> _StudyBase:
@@ -196,6 +202,12 @@ class _ConfigBase(Strict):
         for name, analysis in ANALYSES.items():
             if analysis.check is not None:
                 analysis.check(getattr(self, name), plans, analysed)
+        for sname, study in self.studies.items():
+            target = study.replicates
+            if target is not None and (target not in self.studies or self.studies[target].replicates is not None
+                                       or target == sname):
+                raise ValueError(f"studies.{sname}.replicates: {target!r} is not another study of this config "
+                                 "(that does not itself replicate one)")
         self._check_presentation()
         return self
 
@@ -284,8 +296,9 @@ def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[s
     for run in names:
         rc = runs[run]
         ns = rc.optimizer.nsgd
+        study = study_of(run)
         out[run] = {
-            "study": study_of(run),
+            "study": cfg.studies[study].replicates or study,
             "lr": rc.optimizer.lr,
             "batch_size": rc.optimizer.batch_size,
             "momentum": rc.optimizer.momentum,

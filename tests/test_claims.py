@@ -83,8 +83,9 @@ def _nsgd_run(lmax_best: float, test_best: float) -> dict[str, pd.DataFrame]:
     return {"metrics": _metrics([0.1, 0.5, 0.9, 0.8], [0.1, 0.5, test_best, 0.7]), "spectrum": _spectrum(lams)}
 
 
-def tree(root: Path, case: str) -> tuple[dict, list[Path]]:
-    """A study whose every claim holds ("holds") or fails ("fails")."""
+def tree(root: Path, case: str, seed_step: float = 0.02) -> tuple[dict, list[Path]]:
+    """A study whose every claim holds ("holds") or fails ("fails"); ``seed_step``: how much each seed
+    of the η grid scales its λ1 curve."""
     good = case == "holds"
     inputs: list[Path] = []
     runs: dict[str, dict] = {}
@@ -96,7 +97,7 @@ def tree(root: Path, case: str) -> tuple[dict, list[Path]]:
         for seed in (0, 1, 2):
             run = f"eta-lr{lr}" if seed == 0 else f"eta-lr{lr}-seed{seed}"
             runs[run] = _meta(lr, "eta", seed=seed)
-            scale = 1 + 0.02 * seed
+            scale = 1 + seed_step * seed
             if good:
                 lams = [scale * x for x in [peak / 4, peak / 2, peak] + [0.85 * peak] * 8]
             else:
@@ -393,3 +394,39 @@ def test_interval_coverage_in_simulation(case):
     else:  # gamma-distributed |cos| rows: mean 0.2 (shape 2) over mean 0.05 (shape 4)
         cov = _coverage(lambda r: ratio_of_means(r.gamma(2.0, 0.1, 40), r.gamma(4.0, 0.0125, 30), "gradient rows"), 4.0)
     assert cov >= 0.93, f"{case}: coverage {cov:.3f}"
+
+
+def test_compare_two_trees_that_differ_by_seed(tmp_path):
+    """`sharpflow claims --compare A B`: two trees whose η-grid seeds differ (λ1 scaled by 1 + 0.02·seed
+    and 1 + 0.03·seed) agree on every verdict, their intervals overlap; a tree where every claim fails
+    differs from both, claim by claim."""
+    import subprocess
+    import sys
+
+    from sharpflow.claims.compare import compare, intervals
+
+    for name, case, step in (("a", "holds", 0.02), ("b", "holds", 0.03), ("c", "fails", 0.02)):
+        spec, inputs = tree(tmp_path / name, case, step)
+        out = tmp_path / name / "tables"
+        make_claims(spec, inputs, out / "claims.md", out / "claims.tex", out / "claims.csv")
+    a = pd.read_csv(tmp_path / "a" / "tables" / "claims.csv").set_index("number")
+    b = pd.read_csv(tmp_path / "b" / "tables" / "claims.csv").set_index("number")
+    assert a.loc[3, "measured"] != b.loc[3, "measured"]  # the seeds did change the statistics
+    assert intervals(a.loc[3, "measured"])[-1] == (0.742, 0.818)
+
+    same = {c.number: c for c in compare(tmp_path / "a", tmp_path / "b")}
+    assert all(c.verdicts_agree for c in same.values())
+    assert same[3].pairs == 4 and same[3].intervals_agree  # 3 peaks and the top η's median
+    differ = {c.number: c for c in compare(tmp_path / "a", tmp_path / "c" / "tables" / "claims.csv")}
+    assert not any(c.verdicts_agree for c in differ.values())
+    assert differ[8].pairs == 2 and differ[8].overlapping == 0  # medians 1.05, 1.1 against 2
+
+    proc = subprocess.run([sys.executable, "-m", "sharpflow.cli", "claims", "--compare", str(tmp_path / "a"),
+                           str(tmp_path / "c"), "--out-md", str(tmp_path / "cmp.md")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 of 11 verdicts agree" in proc.stdout and "| 8 |" in proc.stdout
+    assert (tmp_path / "cmp.md").read_text() == proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "sharpflow.cli", "claims", "--compare", str(tmp_path / "a"),
+                          str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "nowhere: no claims table there" in bad.stderr

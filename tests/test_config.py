@@ -186,6 +186,26 @@ def test_study_overrides_spectrum():
         parse_config(raw)  # when the config is read, not later in a job
 
 
+def test_a_replicate_study_presents_as_the_study_it_repeats():
+    """``replicates: eta``: its runs keep their own ids but figures and claims see study "eta"; a
+    replicate of an unknown study, of itself or of a replicate is refused with the field named."""
+    from sharpflow.study import expand_runs, presentation_runs
+
+    raw = base_raw()
+    raw["datasets"]["d"]["mnist1d_samples"] = 5000  # presentation_runs needs steps per epoch
+    raw["studies"]["eta_seeds"] = {"replicates": "eta", "sweep": {"optimizer.lr": [0.1], "seed": [1, 2]}}
+    cfg = parse_config(raw)
+    runs = expand_runs(cfg)
+    meta = presentation_runs(cfg, runs, [r for r in runs if r.startswith("eta_seeds")])
+    assert sorted(meta) == ["eta_seeds-lr0.1-seed1", "eta_seeds-lr0.1-seed2"]
+    assert {m["study"] for m in meta.values()} == {"eta"} and {m["seed"] for m in meta.values()} == {1, 2}
+    assert "replicates" not in cfg.studies["eta"].model_dump()  # omitted at its default
+    for target in ("nope", "eta_seeds"):
+        raw["studies"]["eta_seeds"]["replicates"] = target
+        with pytest.raises(ConfigError, match=r"studies\.eta_seeds\.replicates"):
+            parse_config(raw)
+
+
 def test_dataset_sizes():
     assert DatasetConfig(source="cifar10").train_size() == 45000
     assert DatasetConfig(source="fashion_mnist").train_size() == 50000

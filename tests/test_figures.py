@@ -354,6 +354,44 @@ def test_two_dimensional_sweep_gets_one_colour_per_run(tmp_path):
     assert _common.varying(data, data.runs) == ["lr", "batch_size"]
 
 
+def test_grid_draws_seeds_as_a_mean_with_a_band(tmp_path):
+    """Three seeds of η = 0.05 (λ scaled by 0.9, 1, 1.2; seeds 1 and 2 from a replicate study, which the
+    spec already names by the study it repeats) and one run of η = 0.1: one panel; the seeds' λ1 drawn
+    as their mean, with a band from their smallest to largest λ1; the lone run as itself."""
+    from sharpflow.figures import grid
+
+    runs = {"eta-lr0.05": run_meta("eta", 0.05), "eta_seeds-lr0.05-seed1": run_meta("eta", 0.05, seed=1),
+            "eta_seeds-lr0.05-seed2": run_meta("eta", 0.05, seed=2), "eta-lr0.1": run_meta("eta", 0.1)}
+    scale = {"eta-lr0.05": 0.9, "eta_seeds-lr0.05-seed1": 1.0, "eta_seeds-lr0.05-seed2": 1.2, "eta-lr0.1": 1.0}
+    paths = []
+    for run, m in runs.items():
+        d = tmp_path / "runs" / run
+        d.mkdir(parents=True)
+        sp = spectrum_table(run, m["lr"])
+        sp["eigenvalue"] *= scale[run]
+        sp.to_parquet(d / "spectrum.parquet", index=False)
+        paths.append(d / "spectrum.parquet")
+    from sharpflow import results as _common
+
+    fig = grid.plot(_common.load(paths, ("spectrum",), {"runs": runs}), {})
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 1
+    ax = axes[0]
+    epochs = np.array(CHECKPOINTS) / STEPS_PER_EPOCH
+    lam1 = lambda_curve(np.array(CHECKPOINTS), 0.05, 1)
+    solid = {ln.get_label(): ln for ln in ax.lines if ln.get_linestyle() == "-" and not ln.get_label().startswith("_")}
+    mean = next(ln for label, ln in solid.items() if "mean of 3 seeds" in label)
+    assert mean.get_ydata() == pytest.approx(lam1 * (0.9 + 1.0 + 1.2) / 3)
+    assert list(mean.get_xdata()) == pytest.approx(list(epochs))
+    lone = next(ln for label, ln in solid.items() if "seeds" not in label)
+    assert lone.get_ydata() == pytest.approx(lambda_curve(np.array(CHECKPOINTS), 0.1, 1))
+    (band,) = ax.collections[:1]
+    verts = band.get_paths()[0].vertices
+    assert verts[:, 1].min() == pytest.approx((0.9 * lam1).min())
+    assert verts[:, 1].max() == pytest.approx((1.2 * lam1).max())
+    assert len(ax.collections) == 1  # one band: the lone run has none
+
+
 @pytest.mark.parametrize("kind", list(figures.KINDS))
 def test_empty_inputs_give_a_no_data_figure(tmp_path, kind):
     out = tmp_path / "out"

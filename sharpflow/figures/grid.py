@@ -2,7 +2,9 @@
 
 One panel per study. λ1 (solid) and λ2 (dashed) on a log scale vs epoch, one colour per value of
 the swept setting (detected: the first of η, S, momentum, γ, K, seed that differs among the
-study's runs); a dotted horizontal line at 2/η per learning rate (the stability limit of
+study's runs); runs that differ only by seed (a seed sweep, or a study that ``replicates`` this one)
+are drawn as their mean with a band from the smallest to the largest λ1 of the seeds at each
+checkpoint; a dotted horizontal line at 2/η per learning rate (the stability limit of
 gradient descent on a quadratic with curvature λ: λ < 2/η); the early phase shaded, up to the
 epoch at which λ1 of the first run peaks, or up to ``style.early_epochs`` if given. An eigenvalue whose
 pair missed the solver's tolerance is ringed (o).
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -52,18 +55,29 @@ SWEPT = ("lr", "batch_size", "momentum", "gamma", "k", "seed")
 
 def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, Any]) -> None:
     key, colours = style.run_colours(data, runs, prefer=SWEPT)
+    groups = _seed_groups(data, runs)
     label_keys = varying(data, runs)
+    if any(len(g) > 1 for g in groups):
+        label_keys = [k for k in label_keys if k != "seed"]
     run_handles = []
     any_div = False
     first_peak: float | None = None
     finite = False
     any_unconverged = False
-    for run in runs:
+    for members in groups:
+        run = members[0]
         c = colours[run]
         label, div = style.run_entry(data, run, label_keys)
+        rows = data.rows("spectrum", run)
+        if len(members) > 1:
+            rows, lo, hi = _seed_mean(data, members)
+            label = f"{label} (mean of {len(members)} seeds)"
+            div = min((d for d in (data.divergence(r) for r in members) if d is not None), default=None)
+            if len(lo):
+                ax.fill_between(lo.index.to_numpy(float), np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan),
+                                color=c, alpha=0.2, lw=0)
         any_div |= div is not None
-        first, drawn, unconverged = style.eigenvalue_curves(ax, data.rows("spectrum", run), c, x="epoch", div=div,
-                                                            label=label)
+        first, drawn, unconverged = style.eigenvalue_curves(ax, rows, c, x="epoch", div=div, label=label)
         finite |= drawn
         any_unconverged |= unconverged
         if first is not None and first_peak is None and np.isfinite(first[2]).any():
@@ -101,3 +115,26 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
     ax.set_ylabel(f"$\\lambda_1$, $\\lambda_2$ ({style.EIG_UNIT})")
     ax.set_title(f"{study}: swept {style.SYMBOL.get(key, key)}" if key else study, loc="left")
     ax.legend(handles=run_handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _seed_groups(data: Data, runs: list[str]) -> list[list[str]]:
+    """The runs grouped by every swept setting but the seed, in order of first appearance."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in runs:
+        groups.setdefault(tuple(repr(data.value(r, k)) for k in SWEPT if k != "seed"), []).append(r)
+    return list(groups.values())
+
+
+def _seed_mean(data: Data, runs: list[str]) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """The seeds' mean spectrum rows (rank, step, epoch, eigenvalue, converged: all of them) at the
+    checkpoints every seed has, and λ1's smallest and largest value there (indexed by epoch)."""
+    frames = [data.rows("spectrum", r)[["rank", "step", "epoch", "eigenvalue", "converged"]] for r in runs]
+    d = pd.concat(frames, keys=range(len(frames)), names=["seed_index", None]).reset_index(level=0)
+    d = d[d["rank"] <= 2]
+    counts = d.groupby(["rank", "step"])["seed_index"].nunique()
+    full = counts[counts == len(runs)].index
+    d = d.set_index(["rank", "step"]).loc[lambda x: x.index.isin(full)].reset_index()
+    mean = d.groupby(["rank", "step"], as_index=False).agg(
+        epoch=("epoch", "first"), eigenvalue=("eigenvalue", "mean"), converged=("converged", "all"))
+    top = d[d["rank"] == 1].groupby("epoch")["eigenvalue"]
+    return mean, top.min(), top.max()
