@@ -26,6 +26,7 @@ log = logging.getLogger("mkdocs.hooks.docstrings")
 #: the modules the API pages render (tests/test_docs.py checks the pages name exactly these).
 API_MODULES = (
     "sharpflow.hessian",
+    "sharpflow.hessian.distributed",
     "sharpflow.nsgd",
     "sharpflow.config",
     "sharpflow.study",
