@@ -312,6 +312,9 @@ def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[s
         }
         if rc.optimizer.schedule.kind.startswith("warmup"):  # only then: other runs' specs stay as they were
             out[run]["warmup_steps"] = rc.optimizer.schedule.warmup_steps
+        if rc.optimizer.name == "sam":  # likewise
+            out[run]["rho"] = rc.optimizer.sam.rho
+            out[run]["adaptive"] = rc.optimizer.sam.adaptive
     return out
 
 

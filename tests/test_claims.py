@@ -117,6 +117,16 @@ def tree(root: Path, case: str, seed_step: float = 0.02) -> tuple[dict, list[Pat
             run = f"nsgd-gamma{gamma:g}-seed{seed}"
             runs[run] = _meta(0.05, "nsgd", gamma=gamma, seed=seed)
             inputs += _write(root, run, **_nsgd_run(lam + seed, acc + 0.01 * seed))
+    # SAM (claim 12): ρ = 0.05 at η = 0.05 ends at λ_max 10 (× 1 + 0.1·seed) against SGD's 20 (holds), or
+    # at 40 (fails), with test accuracy 0.84 (holds) or 0.5 (fails) against SGD's 0.80; two seeds each
+    for name, lam, acc in (("sam", 10.0 if good else 40.0, 0.84 if good else 0.5), ("sgd", 20.0, 0.80)):
+        for seed in (0, 1):
+            run = f"{name}-seed{seed}"
+            runs[run] = {**_meta(0.05, name, seed=seed), "optimizer": name,
+                         **({"rho": 0.05, "adaptive": False} if name == "sam" else {})}
+            lams = [1.0, 2.0, 5.0] + [lam * (1 + 0.1 * seed)] * 8
+            inputs += _write(root, run, metrics=_metrics([0.1, 0.5, 0.9, 0.8], [0.1, 0.5, acc + 0.01 * seed, 0.7]),
+                             spectrum=_spectrum(lams))
     # Edge of stability (claim 8): full-batch GD reaching 2/η and hovering at 1.05 of it (holds) or at
     # 2 (fails); in both, a small η that never reaches it (left out)
     for lr, level in ((0.1, 1.05 if good else 2.0), (0.2, 1.1 if good else 2.0), (0.01, 0.3)):
@@ -160,7 +170,8 @@ def tree(root: Path, case: str, seed_step: float = 0.02) -> tuple[dict, list[Pat
             "8": {"runs": eos_runs, "figures": ["figures/eos"]},
             "9": {"runs": grid_runs, "figures": ["figures/batch_sharpness"]},
             "10": {"runs": adam_runs, "figures": ["figures/adam"]},
-            "11": {"runs": grid_runs, "figures": ["figures/subspace"]}}
+            "11": {"runs": grid_runs, "figures": ["figures/subspace"]},
+            "12": {"runs": nsgd_runs + [r for r in runs if r.startswith(("sam", "sgd"))], "figures": ["tables/nsgd"]}}
     return {"config": {}, "claims": plan, "runs": runs}, inputs
 
 
@@ -425,7 +436,7 @@ def test_compare_two_trees_that_differ_by_seed(tmp_path):
                            str(tmp_path / "c"), "--out-md", str(tmp_path / "cmp.md")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "0 of 11 verdicts agree" in proc.stdout and "| 8 |" in proc.stdout
+    assert "0 of 12 verdicts agree" in proc.stdout and "| 8 |" in proc.stdout
     assert (tmp_path / "cmp.md").read_text() == proc.stdout
     bad = subprocess.run([sys.executable, "-m", "sharpflow.cli", "claims", "--compare", str(tmp_path / "a"),
                           str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)

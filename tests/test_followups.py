@@ -342,4 +342,28 @@ def test_optional_tables_are_read_tables() -> None:
         for kind, opt in pkg.REGISTRY.optional.items():
             assert opt <= set(pkg.KINDS[kind]), (pkg.__name__, kind)
     assert set(tables.KINDS["edge"]) - tables.REGISTRY.optional_for("edge") == {"spectrum"}
-    assert figures.REGISTRY.optional_for("eos") == OPTIONAL_TABLES
+    assert figures.REGISTRY.optional_for("eos") == OPTIONAL_TABLES | {"selfstab"}
+
+
+def test_eos_figure_draws_the_self_stabilization_terms(tmp_path) -> None:
+    """With selfstab rows the eos figure gains a third panel whose α and β lines are the table's values;
+    without them it keeps its two panels."""
+    from sharpflow.figures import eos
+    from sharpflow.results import load
+
+    inputs, meta = _runs_tree(tmp_path)
+    steps = list(range(0, 100, 10))
+    alpha = [0.5 * (s - 40) for s in steps]  # changes sign: progressive sharpening, then not
+    beta = [2.0 + s for s in steps]
+    d = tmp_path / "runs" / "eos-lr0.1"
+    pd.DataFrame([{"run": "eos-lr0.1", "step": s, "epoch": float(s), "status": "ok", "alpha": a, "beta": b,
+                   "lambda1": 22.0, "grad_norm": 1.0, "grad_curvature": 10.0, "eta_lambda_half": 1.1}
+                  for s, a, b in zip(steps, alpha, beta, strict=True)]).to_parquet(d / "selfstab.parquet", index=False)
+    eos_inputs = [p for p in inputs if p.parent.name == "eos-lr0.1"]
+    spec = {"runs": {"eos-lr0.1": meta["eos-lr0.1"]}}
+    fig = eos.plot(load([*eos_inputs, d / "selfstab.parquet"], ("metrics", "spectrum", "selfstab"), spec), {})
+    assert len(fig.axes) == 3
+    lines = {ln.get_gid(): ln for ln in fig.axes[2].lines if ln.get_gid()}
+    assert list(lines["alpha"].get_ydata()) == alpha and list(lines["beta"].get_ydata()) == beta
+    assert fig.axes[2].get_yscale() == "symlog"
+    assert len(eos.plot(load(eos_inputs, ("metrics", "spectrum", "selfstab"), spec), {}).axes) == 2

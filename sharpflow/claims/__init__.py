@@ -52,7 +52,7 @@ class ClaimsConfig(Strict):
         "larger where η·λ_1/2 > 1 than where it is < 1.")
     min_points: PositiveInt = Field(5, description="Claim 5: checkpoint×gradient points needed on each side of 1.")
     accuracy_margin_pct: NonNegativeFloat = Field(
-        1.0, description="Claim 7: 'generalises no worse' = the difference of mean test accuracy from γ = 1's "
+        1.0, description="Claims 7 and 12: 'generalises no worse' = the difference of mean test accuracy from γ = 1's "
         "(Welch interval over seeds) lies above −this, in percentage points (set with the intervals, before the "
         "seeded runs were seen).")
     edge_tolerance: float = Field(
@@ -86,6 +86,7 @@ EOS = "Cohen et al. 2021"
 ESS = "Andreyev & Beneventano 2024"
 ADAM = "Cohen et al. 2022"
 TINY = "Gur-Ari et al. 2018"
+SAM = "Foret et al. 2021"
 
 #: The claims, in the order the table lists them.
 CLAIMS: tuple[Claim, ...] = (
@@ -129,6 +130,10 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(11, "after an early phase the gradient lies mostly in the top-C eigenspace, which changes slowly", TINY,
           "per run: median share of ‖g‖² in the top-C eigenspace and top-C overlap of consecutive checkpoints "
           "over the second half (order-statistic intervals; t over seeds)", "subspace", ("subspace",), "tiny_subspace"),
+    Claim(12, "SAM ends flatter than SGD at the same η and generalises no worse", SAM,
+          "per ρ: λ_max at the last checkpoint minus SGD's at the same η (< 0), and test accuracy at best "
+          "validation minus SGD's (≥ −accuracy_margin_pct); Welch intervals over seeds", "nsgd",
+          ("metrics", "spectrum", "spectrum_best"), "sam_flatter"),
 )
 
 #: Every table kind a claim reads.

@@ -367,11 +367,42 @@ def tiny_subspace(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome
     return _combine(tests, short, f"fewer than {cfg.classes} eigenvectors or no rows")
 
 
+def sam_flatter(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
+    """Claim 12: for every SAM setting (η, ρ, adaptive), the difference of mean λ_max at the last
+    checkpoint from the SGD runs' at the same η is below 0, and of mean test accuracy at best validation
+    above −accuracy_margin_pct (Welch intervals over seeds)."""
+    sam = [r for r in runs if data.value(r, "optimizer") == "sam"]
+    sgd = [r for r in runs if data.value(r, "optimizer") in (None, "sgd") and data.value(r, "gamma") is None]
+    if not sam or not sgd:
+        return Outcome(NO_DATA, [], "needs SAM runs and SGD runs at the same η" +
+                       (f" (SAM: {', '.join(sam) or 'none'}; SGD: {', '.join(sgd) or 'none'})"))
+    summary = {r: run_summary(data, r, math.nan) for r in [*sam, *sgd]}
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for r in sam:
+        groups.setdefault((data.value(r, "lr"), data.value(r, "rho"), data.value(r, "adaptive")), []).append(r)
+    tests, short = [], []
+    for (lr, rho, adaptive_), members in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+        ref = [r for r in sgd if data.value(r, "lr") == lr]
+        name = f"{'ASAM' if adaptive_ else 'SAM'} ρ={rho:g}, η={lr:g}" if _numeric(rho) else f"SAM η={lr:g}"
+        if not ref:
+            short.append(f"{name} (no SGD run at η={lr:g})")
+            continue
+        for key, what, thr, side in (("lmax_last", "λ_max at the end", 0.0, "<="),
+                                     ("test_acc_best_pct", "test accuracy (%) at best validation",
+                                      -cfg.accuracy_margin_pct, ">=")):
+            est = difference_welch([summary[r][key] for r in members], [summary[r][key] for r in ref], "seeds")
+            verdict, why = judge(est, thr, side)
+            if min(len(members), len(ref)) < 2:
+                why = f"{name} and SGD need ≥ 2 seeds each (have {len(members)} and {len(ref)})"
+            tests.append(_Test(f"{name}: {what} minus SGD's {est.text()} (claim: {side} {thr:g})", verdict, name, why))
+    return _combine(tests, short, "missing")
+
+
 CHECKS: dict[str, Callable[[Data, Sequence[str], ClaimsConfig], Outcome]] = {
     "peak_early": peak_early, "lower_peak": lower_peak, "steered": steered, "aligned": aligned,
     "overshoot": overshoot, "nsgd_sharpness": nsgd_sharpness, "nsgd_generalisation": nsgd_generalisation,
     "edge_of_stability": edge_of_stability, "batch_edge": batch_edge, "adam_edge": adam_edge,
-    "tiny_subspace": tiny_subspace,
+    "tiny_subspace": tiny_subspace, "sam_flatter": sam_flatter,
 }
 
 
@@ -413,7 +444,7 @@ def _numeric(v: Any) -> bool:
 
 #: the run settings that tell runs apart besides the seed (the study: the one a replicate study repeats).
 REPLICATE_KEYS = ("study", "lr", "batch_size", "momentum", "optimizer", "gamma", "k", "subspace", "loss",
-                  "warmup_steps")
+                  "warmup_steps", "rho", "adaptive")
 
 
 def _replicates(data: Data, runs: list[str]) -> dict[str, list[str]]:

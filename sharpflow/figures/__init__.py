@@ -60,7 +60,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "nsgd": ("metrics", "spectrum"),
     "density": ("density", "spectrum"),
     "precond": ("precond",),
-    "eos": ("metrics", "spectrum"),
+    "eos": ("metrics", "spectrum", "selfstab"),
     "batch_sharpness": ("batch_sharpness",),
     "subspace": ("subspace",),
     "warmup": ("metrics", "spectrum", "precond"),
@@ -76,7 +76,7 @@ REGISTRY = Kinds(
     modules={kind: f"{kind}.py" for kind in KINDS},
     shared=("../results.py", "style.py"),
     captions={kind: f"workflow/report/{kind}.rst" for kind in KINDS},
-    optional={"warmup": frozenset({"precond"})},
+    optional={"warmup": frozenset({"precond"}), "eos": frozenset({"selfstab"})},
 )
 
 

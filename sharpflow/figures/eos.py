@@ -4,7 +4,9 @@ Left: η·λ_1/2 against step, one colour per run (by η when η varies), with t
 η·λ_1/2 = 1 (λ_1 = 2/η) dotted; a tick on the right edge marks each run's median over the second
 half of training (the ``eta_lambda`` column of the ``edge`` table). Right: the training loss at
 every step (a full-batch run's per-step rows) on a log scale — at the edge it keeps falling over
-long spans while rising over short ones.
+long spans while rising over short ones. Where runs have the ``selfstab`` table (Damian et al. 2023), a
+third panel: α = −∇L·∇S (progressive sharpening: S = λ1 grows along −∇L where α > 0; solid) and
+β = ‖∇S‖² (the strength of self-stabilization; dashed) against step, on a symmetric log scale.
 Full-batch runs are drawn (``batch_size == "full"``); if the spec has none, all runs are. An
 unconverged pair is ringed; a diverged run ends with a ×.
 
@@ -28,8 +30,13 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
         return style.no_data("eos", "no spectrum rows")
     _, colours = style.run_colours(data, runs)
     keys = varying(data, runs)
-    fig = style.new_figure(float(opts.get("width", style.DOUBLE)), 2.6)
-    ax_s, ax_l = fig.subplots(1, 2)
+    stab = [r for r in runs if len(data.rows("selfstab", r))]
+    fig = style.new_figure(float(opts.get("width", style.DOUBLE)) * (1.4 if stab else 1.0), 2.6)
+    if stab:
+        ax_s, ax_l, ax_a = fig.subplots(1, 3)
+        _self_stabilization(ax_a, data, stab, colours)
+    else:
+        ax_s, ax_l = fig.subplots(1, 2)
     handles = []
     any_div = any_unconverged = False
     for run in runs:
@@ -80,3 +87,18 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_l.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     style.suptitle(fig, data, runs, opts, "Edge of stability")
     return fig
+
+
+def _self_stabilization(ax: Any, data: Data, runs: list[str], colours: dict[str, Any]) -> None:
+    """α (solid) and β (dashed) of each run's selfstab rows against step, symmetric log scale."""
+    for run in runs:
+        d = data.rows("selfstab", run).sort_values("step")
+        d = d[d["status"] != "diverged"]
+        x = d["step"].to_numpy(float)
+        ax.plot(x, d["alpha"].to_numpy(float), color=colours[run], lw=1.2, marker="o", ms=2, gid="alpha")
+        ax.plot(x, d["beta"].to_numpy(float), color=colours[run], lw=1.0, ls="--", gid="beta")
+    ax.axhline(0.0, lw=0.6, color="0.5")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("$\\alpha$ (solid), $\\beta$ (dashed)")
+    ax.set_title("self-stabilization", loc="left", fontsize="small")
