@@ -203,7 +203,7 @@ def style_list(opts: dict[str, Any], key: str, default: Sequence[Any]) -> list[A
 
 
 # ------------------------------------------------------------------- NSGD vs SGD groups
-#: ("nsgd", γ, K) or ("sgd", η, None): the runs of a group differ only in seed.
+#: ("nsgd", γ, K), ("sgd", η, None) or ("sam", ρ, η): the runs of a group differ only in seed.
 Group = tuple[str, float | None, float | None]
 
 
@@ -221,13 +221,16 @@ def adaptive(data: Data, run: str) -> bool:
 
 
 def group_runs(data: Data, runs: list[str]) -> dict[Group, list[str]]:
-    """Runs that differ only in seed share a group: NSGD by (γ, K), SGD by η."""
+    """Runs that differ only in seed share a group: NSGD by (γ, K), SGD by η, SAM by (ρ, η)."""
     groups: dict[Group, list[str]] = {}
     for r in runs:
-        if optimizer_of(data, r) == "nsgd":
+        if optimizer_of(data, r) == "sam":
+            rho, lr = data.value(r, "rho"), data.value(r, "lr")
+            key: Group = ("sam", None if rho is None else float(rho), None if lr is None else float(lr))
+        elif optimizer_of(data, r) == "nsgd":
             g = data.value(r, "gamma")
             k = data.value(r, "k")
-            key: Group = ("nsgd", None if g is None else float(g), None if k is None else float(k))
+            key = ("nsgd", None if g is None else float(g), None if k is None else float(k))
         else:
             lr = data.value(r, "lr")
             key = ("sgd", None if lr is None else float(lr), None)
@@ -236,10 +239,12 @@ def group_runs(data: Data, runs: list[str]) -> dict[Group, list[str]]:
 
 
 def group_order(key: Group) -> tuple:
-    """NSGD by γ then K ascending, then SGD baselines by η descending."""
+    """NSGD by γ then K ascending, then SGD baselines by η descending, then SAM by ρ then η."""
     kind, a, b = key
     if kind == "nsgd":
         return (0, math.inf if a is None else a, math.inf if b is None else b)
+    if kind == "sam":
+        return (2, math.inf if a is None else a, math.inf if b is None else -b)
     return (1, math.inf if a is None else -a, 0.0)
 
 
@@ -248,6 +253,9 @@ def group_label(key: Group, by: list[str]) -> str:
     kind, a, b = key
     if kind == "sgd":
         return f"SGD(η={a:g})" if a is not None else "SGD"
+    if kind == "sam":
+        return "SAM(" + ", ".join(x for x in (f"ρ={a:g}" if a is not None else "", f"η={b:g}" if b is not None else "")
+                                  if x) + ")"
     named = {"gamma": f"γ={a:g}" if a is not None else "γ=–", "k": f"K={b:g}" if b is not None else "K=–"}
     parts = [named[k] for k in by if k in named]
     return ", ".join(parts) if parts else (f"NSGD γ={a:g}" if a is not None else "NSGD")

@@ -354,3 +354,20 @@ def test_kinds_modules_and_captions_are_consistent():
         for path in reg.code_files(kind):
             assert path.is_file(), path
         assert (root / reg.captions[kind]).is_file(), reg.captions[kind]
+
+
+def test_sam_runs_are_their_own_group_beside_sgd_at_the_same_eta():
+    """SAM at η = 0.05 is not an SGD(η=0.05) seed: it groups by (ρ, η), after the SGD baselines."""
+    from sharpflow.results import Data, group_label, group_order, group_runs
+
+    meta = {"sgd-s0": {"optimizer": "sgd", "lr": 0.05, "seed": 0},
+            "sgd-s1": {"optimizer": "sgd", "lr": 0.05, "seed": 1},
+            "sam-a": {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "seed": 0},
+            "sam-b": {"optimizer": "sam", "lr": 0.05, "rho": 0.2, "seed": 0},
+            "sam-c": {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "seed": 1},
+            "nsgd-g": {"optimizer": "nsgd", "lr": 0.05, "gamma": 0.1, "k": 5, "seed": 0}}
+    data = Data(tables={}, meta=meta, runs=list(meta))
+    groups = group_runs(data, list(meta))
+    assert groups[("sam", 0.05, 0.05)] == ["sam-a", "sam-c"] and groups[("sgd", 0.05, None)] == ["sgd-s0", "sgd-s1"]
+    labels = [group_label(g, ["gamma"]) for g in sorted(groups, key=group_order)]
+    assert labels == ["γ=0.1", "SGD(η=0.05)", "SAM(ρ=0.05, η=0.05)", "SAM(ρ=0.2, η=0.05)"]

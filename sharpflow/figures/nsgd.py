@@ -69,6 +69,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
 
     nsgd_pal = style.palette(colour_key, [colour_value(g) for g in order if g[0] == "nsgd"])
     sgd_pal = style.palette("lr", [g[1] for g in order if g[0] == "sgd"])
+    sam_pal = style.palette("run", [f"sam|{g[1]}|{g[2]}" for g in order if g[0] == "sam"])
 
     fig = style.new_figure(float(opts.get("width", style.DOUBLE)), 2.7)
     ax_l, ax_v = fig.subplots(1, 2)
@@ -77,7 +78,8 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     lam_values: list[float] = []
     for g in order:
         members = groups[g]
-        c = nsgd_pal[colour_value(g)] if g[0] == "nsgd" else sgd_pal[g[1]]
+        c = (nsgd_pal[colour_value(g)] if g[0] == "nsgd" else sam_pal[f"sam|{g[1]}|{g[2]}"] if g[0] == "sam"
+             else sgd_pal[g[1]])
         ls = "-" if g[0] == "nsgd" else "--"
         divs = {r: data.divergence(r) for r in members}
         n_div = sum(d is not None for d in divs.values())

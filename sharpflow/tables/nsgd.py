@@ -160,6 +160,7 @@ def build(kind: str, data: Data, opts: dict[str, Any]) -> Table:
                                "gamma": g[1] if g[0] == "nsgd" else math.nan,
                                "k": g[2] if g[0] == "nsgd" and g[2] is not None else math.nan,
                                "lr": _common_value(data, members, "lr"),
+                               **({"rho": g[1]} if g[0] == "sam" else {}),
                                "n_seeds": len(members),
                                "n_diverged": sum(bool(summaries[r]["diverged"]) for r in members)}
         for key, *_ in QUANTITIES:
