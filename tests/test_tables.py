@@ -366,7 +366,7 @@ def test_sam_runs_are_their_own_group_beside_sgd_at_the_same_eta():
             "sam-b": {"optimizer": "sam", "lr": 0.05, "rho": 0.2, "seed": 0},
             "sam-c": {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "seed": 1},
             "nsgd-g": {"optimizer": "nsgd", "lr": 0.05, "gamma": 0.1, "k": 5, "seed": 0}}
-    data = Data(tables={}, meta=meta, runs=list(meta))
+    data = Data(tables={}, meta=meta, runs=list(meta), studies=[])
     groups = group_runs(data, list(meta))
     assert groups[("sam", 0.05, 0.05)] == ["sam-a", "sam-c"] and groups[("sgd", 0.05, None)] == ["sgd-s0", "sgd-s1"]
     labels = [group_label(g, ["gamma"]) for g in sorted(groups, key=group_order)]
