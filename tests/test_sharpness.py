@@ -233,3 +233,35 @@ def test_selfstab_analysis_against_finite_differences_of_hessian_products(tiny_d
     set_flat_params(model, theta)
     assert float(grad_s @ e) == pytest.approx(fd, rel=1e-4, abs=1e-7)
     assert float(grad_s @ grad_s) == pytest.approx(row.beta, rel=1e-8)
+
+
+def test_sharpness_figure_draws_the_table_and_the_quadratic_model(tmp_path):
+    """The worst-case line is the table's values; the dotted line is ρ²λ1/2 from the spectrum; the
+    σ′ panel appears only with PAC-Bayes rows."""
+    import pandas as pd
+
+    from sharpflow.figures import sharpness as fig_sharpness
+    from sharpflow.results import load
+
+    d = tmp_path / "runs" / "eta-lr0.1"
+    d.mkdir(parents=True)
+    steps = [0, 100, 200, 300]
+    lam = [5.0, 20.0, 30.0, 25.0]
+    pd.DataFrame([{"run": "eta-lr0.1", "step": s, "epoch": s / 100, "status": "ok", "rank": 1, "eigenvalue": v,
+                   "converged": True} for s, v in zip(steps, lam, strict=True)]).to_parquet(d / "spectrum.parquet")
+    rows = []
+    for v in lam:
+        rows.append({"measure": "worst_case", "value": 0.05**2 * v / 2 * 1.1, "se": 1e-4, "radius": 0.05})
+        rows.append({"measure": "average_case", "value": 1e-3 * v, "se": 1e-4, "radius": 0.01})
+    sh = pd.DataFrame([{**r, "run": "eta-lr0.1", "step": s, "epoch": s / 100, "status": "ok", "iteration": -1,
+                        "units": 4} for s, r in zip(sorted(steps * 2), rows, strict=True)])
+    sh.to_parquet(d / "sharpness.parquet")
+    spec = {"runs": {"eta-lr0.1": {"study": "eta", "lr": 0.1}}}
+    fig = fig_sharpness.plot(load([d / "sharpness.parquet", d / "spectrum.parquet"], ("sharpness", "spectrum"),
+                                  spec), {})
+    assert len(fig.axes) == 2  # no PAC-Bayes rows: two panels
+    lines = {ln.get_gid(): ln for ln in fig.axes[0].lines if ln.get_gid()}
+    quad = lines["quadratic:eta-lr0.1"]
+    assert list(quad.get_ydata()) == pytest.approx([0.05**2 * v / 2 for v in lam])
+    worst = lines["worst_case:eta-lr0.1"]
+    assert list(worst.get_ydata()) == pytest.approx([0.05**2 * v / 2 * 1.1 for v in lam])

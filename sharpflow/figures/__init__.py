@@ -35,6 +35,9 @@ Figure kinds (module, tables read):
   η(t)/η (Kalra & Barkeshli 2024).
 - ``blocks`` (blocks.py; blocks): a heatmap of parameter block × checkpoint of each block's top
   Hessian eigenvalue, one panel per run (Zhang et al. 2024).
+- ``sharpness`` (sharpness.py; sharpness, spectrum): worst-case sharpness beside ρ²λ_1/2,
+  average-case sharpness and the PAC-Bayes σ′ over training (Foret et al. 2021; Jiang et al. 2019).
+- ``eos`` also draws Damian et al.'s (2023) α and β where runs have the selfstab table.
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -65,6 +68,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "subspace": ("subspace",),
     "warmup": ("metrics", "spectrum", "precond"),
     "blocks": ("blocks",),
+    "sharpness": ("sharpness", "spectrum"),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module
