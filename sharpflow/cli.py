@@ -73,15 +73,54 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    """One run. With ``world_size`` > 1 this is one rank of a job that torchrun or srun started: it
+    checks the launched world size against the run's (one line, before joining anything), joins the
+    process group and trains its share; ``--threads`` is the job's, shared among its ranks."""
     from .devices import choose_device
-    from .train import train
+    from .train import join_world, train, world_size_mismatch
 
-    _setup_threads(a.threads or a.run.threads)
-    device = choose_device(a.run.device, log=_log)
+    world = a.run.world_size
+    launched = _launched_world(world)
+    if launched != world:
+        raise SharpflowError(world_size_mismatch(a.run_name, world, launched))
+    threads = a.threads or a.run.threads
+    _setup_threads(max(1, threads // world) if threads else None)
+    if world > 1:
+        rank, _, device = join_world(a.run.device)
+    else:
+        rank, device = 0, choose_device(a.run.device, log=_log)
     t0 = time.perf_counter()
     train(a.run, a.dataset, run_name=a.run_name, data_dir=a.data, out_dir=a.out, device=device,
           progress=not a.no_progress, log=_log)
-    _write_timing(a.timing, time.perf_counter() - t0)
+    if rank == 0:
+        _write_timing(a.timing, time.perf_counter() - t0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _launched_world(wanted: int) -> int:
+    """How many processes this one was started among: torchrun's ``WORLD_SIZE`` (with ``RANK``); else,
+    for a run of several ranks, srun's ``SLURM_NTASKS``, whose ``SLURM_PROCID`` and ``SLURM_LOCALID``
+    then become ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (modulo the visible GPUs: srun may show a
+    task its GPU alone), with ``MASTER_ADDR`` the node srun ran on and ``MASTER_PORT`` derived from
+    the job id unless they are set; 1 for a plain start. A run of one rank ignores SLURM's variables:
+    it is one process of whatever job it is in."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if wanted > 1 and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        import torch
+
+        local = int(env.get("SLURM_LOCALID", "0"))
+        gpus = torch.cuda.device_count()
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
+                   LOCAL_RANK=str(local % gpus if gpus else local))
+        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
+        return int(env["SLURM_NTASKS"])
+    return 1
 
 
 def cmd_spectrum(a: argparse.Namespace) -> None:
@@ -333,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, run=False)
     sp.set_defaults(func=cmd_prepare)
 
-    sp = sub.add_parser("train", help="train one run, dumping checkpoints and metrics.parquet")
+    sp = sub.add_parser("train", help="train one run, dumping checkpoints and metrics.parquet",
+                        description="Train one run. A run with world_size > 1 is started by torchrun "
+                        "(torchrun --standalone --nproc-per-node N --no-python -- sharpflow train ...) or srun "
+                        "(srun --ntasks=N sharpflow train ...), N its world_size; --threads is then the job's, "
+                        "shared among the ranks.")
     common(sp)
     sp.add_argument("--dataset", required=True, type=_model_arg(DatasetConfig, "--dataset"))
     sp.add_argument("--out", required=True, type=Path, help="the run's directory")

@@ -312,6 +312,8 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     """Everything that defines one training run (and so its checkpoints)."""
 
+    omit_at_default = ("world_size",)
+
     dataset: Name
     model: ModelConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -333,6 +335,14 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = Field(None, description="torch CPU threads (None: Snakemake's threads).")
+    world_size: PositiveInt = Field(
+        1,
+        description="Processes that train the run together (data parallel over torch.distributed; NCCL on "
+        "CUDA, gloo on the CPU): each takes a contiguous slice of every mini-batch, the same batches in the "
+        "same order as one process, and one all-reduce per gradient gives the whole batch's mean gradient, "
+        "so the updates are one process's up to floating-point reduction order. More than 1: the workflow "
+        "starts `sharpflow train` under resources.train.launcher (torchrun or srun) with this many ranks.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -385,11 +395,21 @@ class SpectrumConfig(Strict):
 
 class StageResources(Strict):
     """What one stage's job asks the scheduler for (Snakemake resources; a profile may override them)."""
+
+    omit_at_default = ("launcher",)
+
     threads: PositiveInt = 1
     mem_mb: PositiveInt = 2000
     runtime: PositiveInt = Field(60, description="Minutes (used by SLURM).")
     gpu: NonNegativeInt = Field(1, description="GPUs the job asks for (Snakemake resource 'gpu').")
     gpu_model: str | None = Field(None, description="SLURM GPU type (sbatch --gpus=<model>:<gpu>); None: any.")
+    launcher: Literal["torchrun", "srun"] = Field(
+        "torchrun",
+        description="train only, for runs with world_size > 1: what starts their ranks. 'torchrun': "
+        "`torchrun --standalone` on one machine (also inside one SLURM job on one node); 'srun': one SLURM "
+        "task per rank (the job asks for world_size tasks, which may span nodes). threads, mem_mb and gpu "
+        "are per rank there (the job asks for world_size times them).",
+    )
 
 
 

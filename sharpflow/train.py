@@ -25,11 +25,30 @@ are written with ``status="diverged"`` so every downstream stage still has its i
 marks its rows instead of crashing. Early stopping does the same with ``status="stopped"``
 (the stopped weights, unchanged).
 
+Several processes (``world_size`` > 1, started by torchrun or srun; :func:`join_world` joins the
+process group): every rank draws the same mini-batches in the same order as one process would
+(:class:`DataOrder`, unchanged) and takes a contiguous slice of each (:func:`~sharpflow.hessian.distributed.shard`:
+sizes differ by at most one). It computes the gradient of the *sum* of its slice's losses; one
+all-reduce (sum) of the flat gradient, which also carries the slice's loss sum, its correct count
+and BatchNorm's running statistics, then a division by the batch's size give every rank the whole
+batch's mean gradient (:class:`_DataParallel`). Clipping, weight decay, momentum, Adam, SAM (both
+of its gradients are reduced) and NSGD see that gradient, so an update is one process's up to the
+order of the floating-point sums. NSGD's subspace refresh multiplies by the distributed Hessian
+(:func:`~sharpflow.hessian.distributed.distributed_hessian`), the same seed on every rank.
+Evaluations are sharded (each rank evaluates a contiguous part of the split; one all-reduce of
+loss sum, correct count and count), so every rank knows every number and makes the same
+decisions (divergence, plateau, early stopping, the best checkpoint). Only rank 0 writes
+(checkpoints, resume state, metrics, log lines); every rank reads the same resume state, and
+the ranks check that they resume from the same step. Dropout draws its masks per rank (seeded
+by step and rank) and BatchNorm normalises by its slice's statistics: for such models an update
+is not one process's (the running statistics are averaged, weighted by slice size).
+
 Layout: :func:`train` builds a :class:`_Run` and calls :meth:`_Run.begin` (resume or start),
 :meth:`_Run.loop` (each step :meth:`_Run.update`, then :meth:`_Run.after_update`) and
 :meth:`_Run.finish`. The parts: :class:`_Schedule` (learning rate, early stopping),
 :class:`DataOrder` (mini-batches), :class:`_Metrics` (the rows), :func:`_refresh_subspace`
-(NSGD) and :class:`~sharpflow.checkpoints.CheckpointWriter` (dumps and resume state).
+(NSGD), :class:`_DataParallel` (several ranks) and :class:`~sharpflow.checkpoints.CheckpointWriter`
+(dumps and resume state).
 """
 
 from __future__ import annotations
@@ -45,6 +64,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointWriter
@@ -60,6 +80,7 @@ from .config import (
 from .data import Dataset, TrainView, augment, hessian_batches, load_prepared, train_view
 from .errors import SharpflowError
 from .hessian import HessianOperator, top_eigenpairs
+from .hessian.distributed import DistInfo, _all_reduce, distributed_hessian, group_rank_world, init_distributed, shard
 from .io import write_parquet
 from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn, loss_for
 from .nsgd import NudgedSGD
@@ -163,6 +184,16 @@ def warmup_factor(cfg: ScheduleConfig, step: int, total: int) -> float:
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
              loss: Callable[[Tensor, Tensor], Tensor] = loss_fn) -> tuple[float, float]:
     """Mean loss (``loss``: cross-entropy in nats by default) and accuracy of ``model`` in eval mode on (x, y)."""
+    total_loss, correct, count = _evaluation_sums(model, x, y, batch_size, loss)
+    if count == 0:
+        return math.nan, math.nan
+    return total_loss / count, correct / count
+
+
+@torch.no_grad()
+def _evaluation_sums(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                     loss: Callable[[Tensor, Tensor], Tensor]) -> tuple[float, float, int]:
+    """(summed loss, correct predictions, targets) of ``model`` in eval mode on (x, y)."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0
@@ -174,9 +205,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
         correct += float(count_correct(out, yb))
         count += n_targets
     model.train(was_training)
-    if count == 0:
-        return math.nan, math.nan
-    return total_loss / count, correct / count
+    return total_loss, correct, count
 
 
 def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
@@ -218,8 +247,11 @@ def adam_preconditioner(model: nn.Module, opt: torch.optim.Optimizer) -> Tensor 
     return torch.cat(parts).detach().cpu() if parts else None
 
 
-def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset, gen_seed: int) -> tuple[float, int]:
-    """Recompute NSGD's top-k subspace (warm-started); return (seconds, matvecs)."""
+def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset, gen_seed: int,
+                      distributed: bool = False) -> tuple[float, int]:
+    """Recompute NSGD's top-k subspace (warm-started); return (seconds, matvecs). ``distributed``: every
+    rank of the process group calls it alike and multiplies by its shard of the Hessian subset (one
+    all-reduce per product); the same seed and warm start give every rank the same subspace."""
     ns = run.optimizer.nsgd
     assert ns is not None
     t0 = time.perf_counter()
@@ -228,7 +260,11 @@ def _refresh_subspace(model: nn.Module, opt: Any, run: RunConfig, data: Dataset,
         opt.set_random_subspace(ns.k, generator=g)
         return time.perf_counter() - t0, 0
     n = ns.hessian_examples or len(data.hessian_idx)
-    op = HessianOperator(model, loss_for(run.loss), hessian_batches(data, n), weight_decay=run.optimizer.weight_decay)
+    batches, wd = hessian_batches(data, n), run.optimizer.weight_decay
+    if distributed:
+        op: Any = distributed_hessian(model, loss_for(run.loss), batches, weight_decay=wd)
+    else:
+        op = HessianOperator(model, loss_for(run.loss), batches, weight_decay=wd)
     res = top_eigenpairs(op, k=ns.k, tol=ns.tol, v0=opt.subspace, seed=gen_seed)
     opt.set_subspace(res.eigenvectors)
     return time.perf_counter() - t0, int(res.matvecs)
@@ -274,6 +310,17 @@ class DataOrder:
             yield self.examples(step)
             step += 1
 
+    def share(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor, int]:
+        """Rank ``rank``'s contiguous slice (:func:`~sharpflow.hessian.distributed.shard`) of mini-batch
+        ``step`` as (x, y), and the mini-batch's size: the examples of :meth:`examples`, augmented alike."""
+        idx = self.batch(step)
+        part = shard(len(idx), rank, world)
+        if self.augment:  # the whole batch's augmentation, drawn as one process draws it
+            xb, yb = self.examples(step)
+            return xb[part.start : part.stop], yb[part.start : part.stop], len(idx)
+        mine = idx[part.start : part.stop]
+        return self.view.x[mine], self.view.y[mine], len(idx)
+
 
 class _Metrics:
     """The rows of metrics.parquet as training records them.
@@ -313,6 +360,15 @@ class _Metrics:
         self._losses.append(loss.detach())
         self._pending.append(row)
 
+    def add_counted(self, loss: Tensor, correct: Tensor, count: int, row: dict[str, Any]) -> None:
+        """Buffer the row of a mini-batch whose mean loss and correct count are known already (training
+        over several ranks: both reduced over the ranks' slices); ``count``: its targets."""
+        self._count_held()
+        self._correct.append(correct.reshape(1))
+        self._counted.append(count)
+        self._losses.append(loss.detach())
+        self._pending.append(row)
+
     def _count_held(self) -> None:
         if self._held:
             self._correct.append(count_correct_each(self._held))
@@ -347,6 +403,142 @@ class _Metrics:
         return df.sort_values(["step", "split"], kind="stable").reset_index(drop=True)
 
 
+def join_world(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group of a run trained by several processes (torchrun's or srun's variables
+    set, see :func:`sharpflow.hessian.distributed.init_distributed`): NCCL with rank r on
+    ``cuda:LOCAL_RANK`` when the run computes on CUDA (``device`` "cuda", or "auto" with a GPU),
+    gloo on the CPU otherwise. Returns (rank, world size, this rank's device)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SharpflowError("device 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'")
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+    return init_distributed(backend=backend, timeout_s=timeout_s)
+
+
+def world_size_mismatch(run_name: str, wanted: int, launched: int) -> str:
+    """The one line a run says when it was started by another number of processes than its world_size."""
+    how = (f"start it with `torchrun --standalone --nproc-per-node {wanted} --no-python -- sharpflow train ...` "
+           f"or `srun --ntasks={wanted} sharpflow train ...`" if wanted > 1 else "start it as one process")
+    return (f"run {run_name} has world_size {wanted} but was started as {launched} "
+            f"process{'es' if launched != 1 else ''}: {how}")
+
+
+class _DataParallel:
+    """This rank's part in a run trained by ``world`` ranks (the module docstring).
+
+    :meth:`backward` runs the rank's slice forward and backward (the gradient of its losses' sum),
+    then one all-reduce (sum) of one flat buffer: every trainable parameter's gradient (zeros where
+    it has none), the slice's loss sum and correct count, and BatchNorm's running statistics times
+    the slice's size; the gradient and the loss are then divided by the batch's targets and the
+    statistics by its examples. An explicit all-reduce rather than DistributedDataParallel: it
+    weights unequal slices exactly (DDP averages the ranks' means), reduces any number of
+    gradients per step (SAM's two), carries the metrics in the same collective, and leaves the
+    model unwrapped (its state_dict unchanged). It forgoes DDP's overlap of the all-reduce with
+    the backward pass.
+    """
+
+    def __init__(self, model: nn.Module, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise SharpflowError(f"training over several ranks needs one dtype for every trainable parameter, "
+                                 f"got {sorted(map(str, dtypes))}")
+        (self.dtype,) = dtypes
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.stats = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                      for t in (m.running_mean, m.running_var) if t is not None]
+
+    def backward(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], xb: Tensor, yb: Tensor,
+                 batch: int) -> tuple[Tensor, Tensor, int]:
+        """The slice (xb, yb) of a mini-batch of ``batch`` examples forward and backward, then the
+        all-reduce: each parameter's ``.grad`` becomes the whole batch's mean gradient. Returns the
+        batch's mean loss and correct count (device tensors) and its number of targets. The slice
+        holds at least one example (:class:`_Run` checks that every slice does)."""
+        out = model(xb)
+        per_example = yb.numel() // len(yb)
+        local_sum = loss(out, yb) * yb.numel()
+        local_sum.backward()
+        correct = count_correct(out, yb)
+        had = [p.grad is not None for p in self.params]
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.params]
+        parts.append(torch.stack([local_sum.detach().to(self.dtype), correct.to(self.dtype)]))
+        parts += [t.reshape(-1).to(self.dtype) * len(xb) for t in self.stats]
+        buf = torch.cat(parts)
+        _all_reduce(buf, dist.ReduceOp.SUM, None, self.rank, self.world, "the all-reduce of a mini-batch's gradient")
+        targets = batch * per_example
+        grads = buf[: self.dim].div_(targets)
+        offset = 0
+        for p, n, has in zip(self.params, self.sizes, had, strict=True):
+            p.grad = grads[offset : offset + n].view_as(p) if has else None
+            offset += n
+        offset = self.dim + 2
+        with torch.no_grad():
+            for t in self.stats:
+                t.copy_(buf[offset : offset + t.numel()].view_as(t) / batch)
+                offset += t.numel()
+        return buf[self.dim] / targets, buf[self.dim + 1].round().long(), targets
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                 loss: Callable[[Tensor, Tensor], Tensor]) -> tuple[float, float]:
+        """:func:`evaluate` over every rank's contiguous part of (x, y): one all-reduce of the sums."""
+        part = shard(len(x), self.rank, self.world)
+        sums = _evaluation_sums(model, x[part.start : part.stop], y[part.start : part.stop], batch_size, loss)
+        buf = torch.tensor(sums, dtype=torch.float64, device=x.device)
+        _all_reduce(buf, dist.ReduceOp.SUM, None, self.rank, self.world, "the all-reduce of an evaluation")
+        total_loss, correct, count = buf.tolist()
+        if count == 0:
+            return math.nan, math.nan
+        return total_loss / count, correct / count
+
+    def same_step(self, step: int, device: torch.device) -> None:
+        """Every rank resumes from the same step (-1: afresh), or every rank fails in one line."""
+        buf = torch.tensor([step, -step], dtype=torch.int64, device=device)
+        _all_reduce(buf, dist.ReduceOp.MAX, None, self.rank, self.world, "the check of the resume state")
+        newest, oldest = int(buf[0]), -int(buf[1])
+        if newest != oldest:
+            def say(s: int) -> str:
+                return f"step {s}" if s >= 0 else "a fresh start"
+            raise SharpflowError(f"rank {self.rank} of {self.world}: the ranks found different resume states "
+                                 f"({say(oldest)} to {say(newest)}); every rank must see the run's directory "
+                                 "as rank 0 writes it")
+
+
+class _ReadOnlyCheckpoints(CheckpointWriter):
+    """A rank other than 0 of a run over several ranks: reads the resume state, writes nothing."""
+
+    def resume(self, steps: Any) -> dict[str, Any] | None:
+        state = self.stash.load()
+        if state is not None:
+            self.dumps = [int(s) for s in state["dumps"]]
+        return state
+
+    def start_afresh(self) -> None:
+        pass
+
+    def dump(self, step: int, **_: Any) -> None:  # type: ignore[override]
+        self.dumps.append(step)
+
+    def dump_best(self, step: int, **_: Any) -> None:  # type: ignore[override]
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+def _check_slices(run_name: str, view: TrainView, world: int, model: nn.Module) -> None:
+    """Every rank gets at least one example of every mini-batch (two with BatchNorm in training mode)."""
+    sizes = {view.batch_size} | ({view.n % view.batch_size} - {0})
+    smallest = min(sizes) // world
+    if smallest < 1:
+        raise SharpflowError(f"run {run_name}: world_size {world} leaves a rank without examples in a mini-batch "
+                             f"of {min(sizes)}; use at most {min(sizes)} ranks")
+    if smallest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SharpflowError(f"run {run_name}: world_size {world} leaves a rank one example of a mini-batch of "
+                             f"{min(sizes)}, which BatchNorm cannot train on; use fewer ranks or change batch_size")
+
+
 class _Run:
     """One run in training: its model, optimiser, schedule, data order, metrics and checkpoints.
 
@@ -355,8 +547,9 @@ class _Run:
     """
 
     def __init__(self, run: RunConfig, dataset: DatasetConfig, data: Dataset, *, run_name: str,
-                 out_dir: Path, device: torch.device, log: Callable[[str], None]):
+                 out_dir: Path, device: torch.device, log: Callable[[str], None], rank: int = 0, world: int = 1):
         self.run, self.run_name, self.data, self.device, self.log = run, run_name, data, device, log
+        self.rank, self.world = rank, world
         self.steps = checkpoint_steps(run, dataset)
         self.ckpt_steps = set(self.steps)
         self.last = total_steps(run, dataset)
@@ -369,7 +562,12 @@ class _Run:
         self.theta0 = _flat_params(self.model).clone()
         self.opt = build_optimizer(self.model, run)
         self.sched = _Schedule(run, self.spe, self.last)
-        self.ckpts = CheckpointWriter(out_dir, config_digest(run, dataset))
+        self.dp: _DataParallel | None = None
+        if world > 1:
+            _check_slices(run_name, self.view, world, self.model)
+            self.dp = _DataParallel(self.model, rank, world)
+        writer = CheckpointWriter if rank == 0 else _ReadOnlyCheckpoints
+        self.ckpts = writer(out_dir, config_digest(run, dataset))
         self.metrics = _Metrics([])
         self.order = DataOrder(self.view, run.seed, self.spe, device, augment=run.augment)
         self.nsgd = run.optimizer.nsgd if run.optimizer.name == "nsgd" else None
@@ -392,6 +590,8 @@ class _Run:
     def begin(self) -> None:
         """Resume from the newest complete resume state, or start afresh with the dump at step 0."""
         resumed = self._resume()
+        if self.dp is not None:
+            self.dp.same_step(self.start if resumed else -1, self.device)
         self._t0 = time.perf_counter()
         if not resumed:
             self.ckpts.start_afresh()
@@ -463,6 +663,9 @@ class _Run:
         """One SGD (or NSGD) update on mini-batch ``step``; its row goes to the metrics buffer."""
         lr = self._set_lr(step)
         refresh_s, refresh_mv = self._refresh(step)
+        if self.dp is not None:
+            self._update_shared(step, lr, refresh_s, refresh_mv)
+            return
         xb, yb = self.order.examples(step)
         if self.seed_steps:
             _seed_step(mix_seed(self.run.seed, step, 2), self.device)
@@ -480,6 +683,33 @@ class _Run:
             "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
             "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
         })
+
+    def _update_shared(self, step: int, lr: float, refresh_s: float, refresh_mv: float) -> None:
+        """:meth:`update` over several ranks: this rank's slice, the gradient reduced (:class:`_DataParallel`)."""
+        assert self.dp is not None
+        xb, yb, batch = self.order.share(step, self.rank, self.world)
+        if self.seed_steps:
+            _seed_step(mix_seed(self.run.seed, step, 2, self.rank), self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss, correct, targets = self.dp.backward(self.model, loss_for(self.run.loss), xb, yb, batch)
+        self._clip()
+        if isinstance(self.opt, SAM):
+            self.opt.step(lambda: self._shared_gradient(xb, yb, batch))
+        else:
+            self.opt.step()
+        self.metrics.add_counted(loss, correct, targets, {
+            "run": self.run_name, "step": step, "epoch": step / self.spe, "split": "batch", "loss": math.nan,
+            "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
+            "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
+        })
+
+    def _shared_gradient(self, xb: Tensor, yb: Tensor, batch: int) -> Tensor:
+        """SAM's second gradient over several ranks: recomputed on the slice, reduced and clipped alike."""
+        assert self.dp is not None
+        self.opt.zero_grad(set_to_none=True)
+        loss, _, _ = self.dp.backward(self.model, loss_for(self.run.loss), xb, yb, batch)
+        self._clip()
+        return loss
 
     def _clip(self) -> None:
         if self.run.optimizer.grad_clip is not None:
@@ -505,7 +735,8 @@ class _Run:
         """NSGD's subspace refresh if one is due before ``step``: (seconds, matvecs), else NaNs."""
         if not self.nsgd or step % self.refresh_every != 0:
             return math.nan, math.nan
-        cost = _refresh_subspace(self.model, self.opt, self.run, self.data, mix_seed(self.run.seed, step, 3))
+        cost = _refresh_subspace(self.model, self.opt, self.run, self.data, mix_seed(self.run.seed, step, 3),
+                                 distributed=self.dp is not None)
         self.model.train()
         return cost
 
@@ -537,7 +768,10 @@ class _Run:
         cap = self.run.eval.max_examples
         if cap is not None:
             x, y = x[:cap], y[:cap]
-        return evaluate(self.model if model is None else model, x, y, self.run.eval.batch_size, loss_for(self.run.loss))
+        model = self.model if model is None else model
+        if self.dp is not None:
+            return self.dp.evaluate(model, x, y, self.run.eval.batch_size, loss_for(self.run.loss))
+        return evaluate(model, x, y, self.run.eval.batch_size, loss_for(self.run.loss))
 
     def _eval_row(self, step: int, split: str, loss: float, acc: float, *, model: nn.Module | None = None,
                   status: str | None = None, lr: float | None = None) -> None:
@@ -588,7 +822,8 @@ class _Run:
         self.ckpts.dump(step, model=self.model, epoch=step / self.spe, status=self.status, run_name=self.run_name,
                         optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
                         lr=self.sched.lr_at(step), best=self.best,
-                        precond=adam_preconditioner(self.model, self.opt) if self.run.optimizer.adaptive else None)
+                        precond=adam_preconditioner(self.model, self.opt)
+                        if self.run.optimizer.adaptive and self.rank == 0 else None)
 
 
 def train(
@@ -607,11 +842,21 @@ def train(
 
     ``stop_after`` (tests only) simulates a crash: return after that many steps without
     finishing, leaving the resume state behind.
+
+    A run with ``world_size`` > 1 is trained by that many processes, each calling this function
+    alike once the process group is initialised (:func:`join_world`), with the same ``out_dir``;
+    ``device`` is this rank's. Only rank 0 shows progress, logs and writes; every rank returns the
+    metrics table.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
+    rank, world = group_rank_world()
+    if world != run.world_size:
+        raise SharpflowError(world_size_mismatch(run_name, run.world_size, world))
+    if rank != 0:
+        progress, log = False, _quiet
     data = load_prepared(data_dir, device=device)
-    r = _Run(run, dataset, data, run_name=run_name, out_dir=out_dir, device=device, log=log)
+    r = _Run(run, dataset, data, run_name=run_name, out_dir=out_dir, device=device, log=log, rank=rank, world=world)
     bar = None
     try:
         r.begin()
@@ -630,9 +875,14 @@ def train(
         if bar is not None:
             bar.close()
     df = r.metrics.table()
-    write_parquet(out_dir / "metrics.parquet", df)
-    r.ckpts.clear()
+    if rank == 0:
+        write_parquet(out_dir / "metrics.parquet", df)
+        r.ckpts.clear()
     return df
 
 
-__all__ = ["METRICS_COLUMNS", "DataOrder", "evaluate", "mix_seed", "train"]
+def _quiet(*_: Any) -> None:
+    pass
+
+
+__all__ = ["METRICS_COLUMNS", "DataOrder", "evaluate", "join_world", "mix_seed", "train", "world_size_mismatch"]

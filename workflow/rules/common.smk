@@ -199,6 +199,33 @@ def checkpoint_output(run, step):
     return path
 
 
+class TrainLaunch:
+    """How a run's train job starts: the command's prefix, the job's threads, GPUs and memory, and the
+    resources that make it a multi-task SLURM job (the plugin's MPI mode: sbatch --ntasks, no srun -n1
+    wrapper)."""
+
+    def __init__(self, prefix="", threads=1, gpu=0, mem_mb=0, resources=None):
+        self.prefix, self.threads, self.gpu, self.mem_mb = prefix, threads, gpu, mem_mb
+        self.resources = resources or {}
+
+
+def train_launch(run):
+    """A run's TrainLaunch: for world_size 1, the plain command with resources.train as they are; for
+    world_size N > 1, N ranks under resources.train.launcher, each with the threads, GPUs and memory of
+    resources.train (`sharpflow train --threads` is then the job's, shared by its ranks)."""
+    n, res = RUNS[run].world_size, RES.train
+    if n == 1:
+        return TrainLaunch("", res.threads, res.gpu, res.mem_mb)
+    if res.launcher == "srun":
+        extra = {"mpi": "srun", "tasks": n, "cpus_per_task": res.threads}
+        if res.gpu:
+            extra["tasks_per_gpu"] = 1
+        prefix = f"srun --ntasks={n} --kill-on-bad-exit=1 "
+    else:
+        extra, prefix = {}, f"torchrun --standalone --nproc-per-node {n} --no-python -- "
+    return TrainLaunch(prefix, res.threads * n, res.gpu * n, res.mem_mb * n, extra)
+
+
 def rule_name(prefix, run):
     safe = run.replace("-", "__").replace(".", "p")
     return f"{prefix}_{safe}"

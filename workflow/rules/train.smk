@@ -4,7 +4,13 @@
 # steps, and a rule's outputs can be neither a function nor files without all of its wildcards, so one
 # wildcard rule could declare them only as a directory() or through a dynamic `checkpoint`, losing both.
 
+# A run with world_size > 1 is trained by that many processes: the command gets the launcher's prefix (torchrun
+# --standalone on one machine, srun for one SLURM task per rank: resources.train.launcher), the job asks for
+# world_size times the threads (and GPUs), and, under srun, for world_size tasks (train_launch in common.smk).
+# A run of one process keeps exactly the command, params and resources it always had.
+
 for _run, _rc in RUNS.items():
+    _launch = train_launch(_run)
 
     rule:
         name:
@@ -28,14 +34,15 @@ for _run, _rc in RUNS.items():
             f"{R}/logs/train/{_run}.log",
         benchmark:
             f"{R}/benchmarks/train/{_run}.tsv"
-        threads: RES.train.threads
+        threads: _launch.threads
         priority: train_priority(_run)
         resources:
-            gpu=RES.train.gpu,
+            gpu=_launch.gpu,
             gpu_model=RES.train.gpu_model,
-            mem_mb=RES.train.mem_mb,
+            mem_mb=_launch.mem_mb,
             runtime=RES.train.runtime,
+            **_launch.resources,
         shell:
-            "sharpflow train --no-progress --threads {threads} --run {params.run:q} "
+            f"{_launch.prefix}sharpflow train --no-progress --threads {{threads}} --run {{params.run:q}} "
             "--run-name {params.name:q} --dataset {params.dataset:q} --data {params.data:q} "
             "--out {params.out:q} --timing {params.out:q}/../../benchmarks/train/{params.name}.json 2> {log:q}"
