@@ -5,7 +5,9 @@ Left: worst-case sharpness max_{‖δ‖≤ρ} L_B(w + δ) − L_B(w) (the ``sha
 ρ²λ1/2 from the spectrum (dotted), one colour per run, against epoch on a log scale: where the two
 agree the loss is quadratic at radius ρ along the top direction. Middle: average-case sharpness
 E_δ L(w + δ) − L(w) (± its Monte-Carlo standard error). Right, where the analysis ran with
-``pac_bayes``: the PAC-Bayes flatness σ′ (larger is flatter). A panel without rows says so.
+``pac_bayes``: the PAC-Bayes flatness σ′ (larger is flatter; the bar is the bisection's bracket; σ′
+at the search's upper end, 1, means no such accuracy drop was reached, as at a chance-level
+initialisation). A panel without rows says so.
 
 Style options: ``max_runs`` (default 8), ``width``, ``title``.
 """
@@ -45,6 +47,8 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
             if len(m) == 0:
                 continue
             x, y, se = (m[c_].to_numpy(float) for c_ in ("epoch", "value", "se"))
+            if measure == "pac_bayes_sigma":
+                se = y * se  # σ′'s "se" is its bisection bracket's relative width
             bars = ax.errorbar(x, y, yerr=np.where(np.isfinite(se), se, 0.0), color=c, lw=1.2, marker="o", ms=2,
                                capsize=1.5)
             bars.lines[0].set_gid(f"{measure}:{run}")
