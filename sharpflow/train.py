@@ -678,11 +678,15 @@ class _Run:
             self.opt.step(lambda: self._gradient(xb, yb))
         else:
             self.opt.step()
-        self.metrics.add_batch(out, yb, loss, {
+        self.metrics.add_batch(out, yb, loss, self._batch_row(step, lr, refresh_s, refresh_mv))
+
+    def _batch_row(self, step: int, lr: float, refresh_s: float, refresh_mv: float) -> dict[str, Any]:
+        """The metrics row of a training step (its loss and accuracy filled in by the metrics)."""
+        return {
             "run": self.run_name, "step": step, "epoch": step / self.spe, "split": "batch", "loss": math.nan,
             "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
             "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
-        })
+        }
 
     def _update_shared(self, step: int, lr: float, refresh_s: float, refresh_mv: float) -> None:
         """:meth:`update` over several ranks: this rank's slice, the gradient reduced (:class:`_DataParallel`)."""
@@ -697,11 +701,7 @@ class _Run:
             self.opt.step(lambda: self._shared_gradient(xb, yb, batch))
         else:
             self.opt.step()
-        self.metrics.add_counted(loss, correct, targets, {
-            "run": self.run_name, "step": step, "epoch": step / self.spe, "split": "batch", "loss": math.nan,
-            "accuracy": math.nan, "lr": lr, "wall_s": self.wall(), "dist_init": math.nan, "param_norm": math.nan,
-            "refresh_s": refresh_s, "refresh_matvecs": refresh_mv, "status": "ok",
-        })
+        self.metrics.add_counted(loss, correct, targets, self._batch_row(step, lr, refresh_s, refresh_mv))
 
     def _shared_gradient(self, xb: Tensor, yb: Tensor, batch: int) -> Tensor:
         """SAM's second gradient over several ranks: recomputed on the slice, reduced and clipped alike."""

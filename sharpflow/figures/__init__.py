@@ -24,8 +24,9 @@ Figure kinds (module, tables read):
   one curve per run, with the top-k eigenvalues marked.
 - ``precond`` (precond.py; precond): Adam's preconditioned sharpness λ_1(P^{-1}H) vs epoch with
   its threshold (2 + 2β₁)/(η(1 − β₁)).
-- ``eos`` (eos.py; metrics, spectrum): η·λ_1/2 of full-batch runs vs step with the line at 1 and
-  each run's second-half median, and the training loss (Cohen et al. 2021).
+- ``eos`` (eos.py; metrics, spectrum, and selfstab where a run has it): η·λ_1/2 of full-batch runs
+  vs step with the line at 1 and each run's second-half median, the training loss (Cohen et al.
+  2021), and Damian et al.'s (2023) α and β where runs have the selfstab table.
 - ``batch_sharpness`` (batch_sharpness.py; batch_sharpness): η·BS/2 and η·λ_1/2 vs epoch, one
   panel per study (Andreyev & Beneventano 2024).
 - ``subspace`` (subspace.py; subspace): the gradient's share in the top-k eigenspace vs k and vs
@@ -37,7 +38,6 @@ Figure kinds (module, tables read):
   Hessian eigenvalue, one panel per run (Zhang et al. 2024).
 - ``sharpness`` (sharpness.py; sharpness, spectrum): worst-case sharpness beside ρ²λ_1/2,
   average-case sharpness and the PAC-Bayes σ′ over training (Foret et al. 2021; Jiang et al. 2019).
-- ``eos`` also draws Damian et al.'s (2023) α and β where runs have the selfstab table.
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;

@@ -29,12 +29,31 @@ Modules and what each exports:
   :class:`TraceEstimate`).
 - :mod:`~sharpflow.hessian.density`: :func:`spectral_density` (stochastic Lanczos quadrature; a
   frozen :class:`SpectralDensity`) and :func:`w1_bound`, its accuracy bound.
+- :mod:`~sharpflow.hessian.distributed`: products over ``torch.distributed``:
+  :class:`DistributedOperator` (each rank's shard sums, one all-reduce per block product, weight
+  decay once), :func:`distributed_hessian` and :func:`distributed_ggn` (shard and wrap),
+  :func:`shard` and :func:`shard_batches` (the deterministic shards), :func:`init_distributed` (a
+  :class:`DistInfo`), :func:`group_rank_world`, :func:`same_on_all_ranks`, and the one-line errors
+  :class:`RankFailure` and :class:`LockstepError`.
 """
 
 from __future__ import annotations
 
 from .base import BlockOperator, CurvatureOperator, DiagonalOperator, Operator
 from .density import SpectralDensity, spectral_density, w1_bound
+from .distributed import (
+    DistInfo,
+    DistributedOperator,
+    LockstepError,
+    RankFailure,
+    distributed_ggn,
+    distributed_hessian,
+    group_rank_world,
+    init_distributed,
+    same_on_all_ranks,
+    shard,
+    shard_batches,
+)
 from .estimators import FrobeniusEstimate, TraceEstimate, frobenius_interval, frobenius_norm, trace
 from .ggn import GGNOperator
 from .operators import DenseOperator, HessianOperator, LinearOperator
@@ -45,16 +64,27 @@ __all__ = [
     "CurvatureOperator",
     "DenseOperator",
     "DiagonalOperator",
+    "DistInfo",
+    "DistributedOperator",
     "EigenResult",
     "FrobeniusEstimate",
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "LockstepError",
     "Operator",
+    "RankFailure",
     "SpectralDensity",
     "TraceEstimate",
+    "distributed_ggn",
+    "distributed_hessian",
     "frobenius_interval",
     "frobenius_norm",
+    "group_rank_world",
+    "init_distributed",
+    "same_on_all_ranks",
+    "shard",
+    "shard_batches",
     "spectral_density",
     "top_eigenpairs",
     "trace",
