@@ -360,6 +360,11 @@ def test_judge_and_band_by_the_interval():
                                                                      "2 needed)")
     # the power estimate: at se 0.1 and distance 0.1, n·(2.80·0.1/0.1)² = 78.4 → 79 units
     assert units_needed(est, 1.1) == 79
+    # a value on the threshold: no finite number of units would do; said so rather than a number
+    near = Estimate(0.49, 0.2, 0.78, 9, "runs", "mean, t interval", 0.12)
+    assert units_needed(near, 0.5) > 1000
+    assert judge(near, 0.5, "<=")[1].endswith("more than 1,000 runs would be needed at this spread: the value is at "
+                                              "the threshold")
     with pytest.raises(ValueError):
         judge(est, 1.0, ">")
 

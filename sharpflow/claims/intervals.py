@@ -222,6 +222,19 @@ def units_needed(est: Estimate, threshold: float) -> int | None:
     return max(est.n + 1, math.ceil(est.n * ((_Z + _Z_POWER) * est.se / d) ** 2))
 
 
+#: beyond this many units the power estimate is reported as "more than": the value sits on the threshold.
+MAX_UNITS = 1000
+
+
+def _more(est: Estimate, threshold: float) -> str:
+    need = units_needed(est, threshold)
+    if need is None:
+        return ""
+    if need > MAX_UNITS:
+        return f"; more than {MAX_UNITS:,} {est.unit} would be needed at this spread: the value is at the threshold"
+    return f"; about {need} {est.unit} would be needed at this spread (80 % power)"
+
+
 def judge(est: Estimate, threshold: float, side: str) -> tuple[str, str]:
     """The verdict of "the statistic is ``side`` (">=" or "<=") ``threshold``" by the interval, and why
     where inconclusive: holds if the whole interval is on the claim's side, does not hold if it is all
@@ -239,9 +252,7 @@ def judge(est: Estimate, threshold: float, side: str) -> tuple[str, str]:
         return HOLDS, ""
     if bad:
         return FAILS, ""
-    need = units_needed(est, threshold)
-    more = f"; about {need} {est.unit} would be needed at this spread (80 % power)" if need else ""
-    return INCONCLUSIVE, f"the interval straddles {threshold:g}{more}"
+    return INCONCLUSIVE, f"the interval straddles {threshold:g}{_more(est, threshold)}"
 
 
 def judge_band(est: Estimate, lo: float, hi: float) -> tuple[str, str]:
@@ -256,9 +267,7 @@ def judge_band(est: Estimate, lo: float, hi: float) -> tuple[str, str]:
     if est.hi < lo or est.lo > hi:
         return FAILS, ""
     edge = lo if est.lo < lo else hi
-    need = units_needed(est, edge)
-    more = f"; about {need} {est.unit} would be needed at this spread (80 % power)" if need else ""
-    return INCONCLUSIVE, f"the interval straddles {edge:.3g}{more}"
+    return INCONCLUSIVE, f"the interval straddles {edge:.3g}{_more(est, edge)}"
 
 
 def combine(verdicts: Sequence[str]) -> str:
