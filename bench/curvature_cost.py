@@ -93,10 +93,11 @@ def main() -> None:
         tg = (time.perf_counter() - t0) / reps
     anchor = rows[0]
     print(f"{a.run}, step {a.steps}, D = {h.dim}, N = {len(data.hessian_idx)}, {a.threads} thread(s)")
-    print(f"{'quantity':44s} {'products':>9s} {'seconds':>8s} {'× anchor (products, s)':>24s}")
+    width = max(44, *(len(name) for name, _, _ in rows))
+    print(f"{'quantity':{width}s} {'products':>9s} {'seconds':>8s} {'× anchor (products, s)':>24s}")
     for name, mv, secs in rows:
         prods = f"{mv:9d} {mv / anchor[1]:11.1f}" if mv >= 0 else f"{'–':>9s} {'–':>11s}"
-        print(f"{name:44s} {prods[:9]} {secs:8.2f} {prods[10:]} {secs / anchor[2]:11.1f}")
+        print(f"{name:{width}s} {prods[:9]} {secs:8.2f} {prods[10:]} {secs / anchor[2]:11.1f}")
     print("(–: no Hessian products; the sharpness measures cost forward/backward passes, counted in the "
           "docstring of _sharpness_family)")
     print(f"one product: H {1000 * th:.2f} ms, G {1000 * tg:.2f} ms (G/H = {tg / th:.2f})")
