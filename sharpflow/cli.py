@@ -211,24 +211,64 @@ def _planned(plan: dict[str, Any]) -> list[Any]:
 
 
 def cmd_analyse(a: argparse.Namespace) -> None:
-    from .analyses.stage import run_chain
+    """One analysis job. Started by torchrun or srun as N processes (``--world-size N``, the workflow's
+    resources.spectrum.world_size), each is one rank: it checks the launched world size (one line, before
+    joining anything), refuses any analysis but the spectrum, joins the process group and computes the
+    spectrum on its shard of the Hessian subset; rank 0 alone writes files and logs. ``--threads`` is the
+    job's, shared among its ranks."""
+    from .analyses.stage import refuse_distributed_analyses, run_chain
     from .devices import choose_device
 
-    _setup_threads(a.threads)
-    device = choose_device(a.device, log=_log)
-    compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
-                        spectrum=a.spectrum, analyses=_planned(a.analyses), results=a.results,
-                        chain_starts=a.chain_starts, best=a.best,
-                        aggregate=a.aggregate, device=device, progress=not a.no_progress, log=_log)
-    _write_timing(a.timing, compute)
+    wanted = a.world_size
+    if wanted is not None and wanted < 1:
+        raise SharpflowError(f"--world-size must be at least 1, got {wanted}")
+    world = _launched_world(wanted or 1)
+    if wanted is not None and world != wanted:
+        raise SharpflowError(_analyse_world_mismatch(wanted, world))
+    planned = _planned(a.analyses)
+    refuse_distributed_analyses(planned, world)
+    _setup_threads(max(1, a.threads // world) if a.threads else None)
+    if world > 1:
+        from .train import join_world
+
+        rank, _, device = join_world(a.device)
+    else:
+        rank, device = 0, choose_device(a.device, log=_log)
+    try:
+        compute = run_chain(a.run, run_name=a.run_name, data_dir=a.data, checkpoints=a.checkpoints,
+                            spectrum=a.spectrum, analyses=planned, results=a.results,
+                            chain_starts=a.chain_starts, best=a.best, aggregate=a.aggregate, device=device,
+                            progress=not a.no_progress and rank == 0, log=_log if rank == 0 else _quiet)
+        if rank == 0:
+            _write_timing(a.timing, compute)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _quiet(msg: str) -> None:
+    """The log of a rank other than 0: rank 0 says it all."""
+
+
+def _analyse_world_mismatch(wanted: int, launched: int) -> str:
+    how = (f"start it with `torchrun --standalone --nproc-per-node {wanted} --no-python -- sharpflow analyse ...` "
+           f"or `srun --ntasks={wanted} sharpflow analyse ...`" if wanted > 1 else "start it as one process")
+    return (f"--world-size {wanted} (resources.spectrum.world_size) but started as {launched} "
+            f"process{'es' if launched != 1 else ''}: {how}")
 
 
 def cmd_analyse_runs(a: argparse.Namespace) -> None:
     """Several whole runs in one process, one after another (what a grouped Snakemake job runs):
-    each as ``sharpflow analyse --aggregate`` would, with its own stash and outputs."""
+    each as ``sharpflow analyse --aggregate`` would, with its own stash and outputs. One process only."""
     from .analyses.stage import run_chain
     from .devices import choose_device
 
+    launched = _launched_world(1)
+    if launched != 1:
+        raise SharpflowError(f"analyse-runs runs as one process, but was started as {launched}: analyse over "
+                             "several processes with `sharpflow analyse` (resources.runs_per_job 1)")
     _setup_threads(a.threads)
     device = choose_device(a.device, log=_log)
     compute = 0.0
@@ -407,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=_cmd_analysis(name))
 
     sp = sub.add_parser("analyse", help="a warm-start chain of checkpoints: spectrum, then every analysis, "
-                        "resumable (what the Snakemake analysis jobs run)")
+                        "resumable (what the Snakemake analysis jobs run)",
+                        description="A warm-start chain of checkpoints: spectrum, then every analysis. The spectrum "
+                        "alone may run over N processes: torchrun --standalone --nproc-per-node N --no-python -- "
+                        "sharpflow analyse --world-size N ... (or srun --ntasks=N sharpflow analyse --world-size N "
+                        "...); --threads is then the job's, shared among the ranks.")
     common(sp)
     sp.add_argument("--spectrum", required=True, type=_model_arg(SpectrumConfig, "--spectrum"))
     sp.add_argument("--analyses", default={}, type=_parse_plan,
@@ -422,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "to runs/{run}/spectrum_best/best.parquet and eigvecs/best.pt")
     sp.add_argument("--timing", type=Path, default=None, help="write {compute_s} (JSON) here")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--world-size", type=int, default=None, metavar="N",
+                    help="the processes torchrun or srun started this job as (resources.spectrum.world_size); "
+                    "refused if it differs. Default: as launched (torchrun's WORLD_SIZE, else 1). Over several, "
+                    "only the spectrum runs, each rank on its shard of the Hessian subset; rank 0 writes")
     sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
     sp.set_defaults(func=cmd_analyse)
 

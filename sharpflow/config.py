@@ -396,7 +396,7 @@ class SpectrumConfig(Strict):
 class StageResources(Strict):
     """What one stage's job asks the scheduler for (Snakemake resources; a profile may override them)."""
 
-    omit_at_default = ("launcher",)
+    omit_at_default = ("launcher", "world_size")
 
     threads: PositiveInt = 1
     mem_mb: PositiveInt = 2000
@@ -405,10 +405,18 @@ class StageResources(Strict):
     gpu_model: str | None = Field(None, description="SLURM GPU type (sbatch --gpus=<model>:<gpu>); None: any.")
     launcher: Literal["torchrun", "srun"] = Field(
         "torchrun",
-        description="train only, for runs with world_size > 1: what starts their ranks. 'torchrun': "
-        "`torchrun --standalone` on one machine (also inside one SLURM job on one node); 'srun': one SLURM "
-        "task per rank (the job asks for world_size tasks, which may span nodes). threads, mem_mb and gpu "
-        "are per rank there (the job asks for world_size times them).",
+        description="train (runs with world_size > 1) and spectrum (its world_size > 1): what starts the job's "
+        "ranks. 'torchrun': `torchrun --standalone` on one machine (also inside one SLURM job on one node); "
+        "'srun': one SLURM task per rank (the job asks for world_size tasks, which may span nodes). threads, "
+        "mem_mb and gpu are per rank there (the job asks for world_size times them).",
+    )
+    world_size: PositiveInt = Field(
+        1,
+        description="spectrum only: processes per analysis job (`sharpflow analyse` under launcher), each "
+        "computing the Hessian products on its shard of the Hessian subset, one all-reduce per product; the "
+        "same eigenpairs as one process up to the order of the sums. Only the spectrum (top-k, Frobenius "
+        "norm, trace) runs this way: with world_size > 1 every other analysis must be off, and "
+        "runs_per_job must be 1. threads, mem_mb and gpu are per rank.",
     )
 
 

@@ -32,6 +32,7 @@ import torch
 from ..config import FORMAT_VERSION, SpectrumConfig
 from ..data import augment, hessian_batches
 from ..hessian import HessianOperator, frobenius_norm, top_eigenpairs, trace
+from ..hessian.distributed import distributed_hessian, group_rank_world
 from ..params import num_params
 from ..train import mix_seed
 from .context import CheckpointContext, finite
@@ -89,6 +90,12 @@ def compute(
     """The spectrum table and the eigenvector file's contents of one checkpoint.
 
     ``previous``: the eigenvector file of the checkpoint before it in its warm-start chain.
+
+    Inside a process group of several ranks (``sharpflow analyse`` under torchrun or srun), every
+    rank calls this with the same checkpoint, subset and ``previous``: each builds the Hessian of
+    its shard of the subset (:func:`~sharpflow.hessian.distributed.distributed_hessian`, weight
+    decay added once after the all-reduce), and the solver and the estimators run unchanged on
+    every rank with the same seeds, so every rank returns the same table and eigenvectors.
     """
 
     model = ctx.model()
@@ -108,11 +115,17 @@ def compute(
     batches = hessian_batches(data, n)
     if augmented(cfg, ctx):
         batches = augment_batches(batches, step)
-    op = HessianOperator(model, loss_fn, batches, weight_decay=ctx.run.optimizer.weight_decay,
-                         eval_mode=cfg.eval_mode, chunk_size=cfg.chunk_size)
+    wd = ctx.run.optimizer.weight_decay
+    rank, world = group_rank_world()
+    if world > 1:  # this rank's shard of the subset, λ added once after the all-reduce; the rest in lockstep
+        op: Any = distributed_hessian(model, loss_fn, batches, weight_decay=wd, eval_mode=cfg.eval_mode,
+                                      chunk_size=cfg.chunk_size)
+    else:
+        op = HessianOperator(model, loss_fn, batches, weight_decay=wd, eval_mode=cfg.eval_mode,
+                             chunk_size=cfg.chunk_size)
     t0 = time.perf_counter()
     res = top_eigenpairs(op, k=cfg.k, tol=cfg.tol, v0=v0, which=cfg.which, backend=cfg.backend,
-                         max_matvecs=cfg.max_matvecs, seed=step, progress=progress)
+                         max_matvecs=cfg.max_matvecs, seed=step, progress=progress and rank == 0)
     seconds = time.perf_counter() - t0
     n_conv = int(res.converged.sum())
     if n_conv < cfg.k:
@@ -136,5 +149,5 @@ def compute(
             "residuals": res.residuals.float().cpu(), "step": step, "run": ctx.run_name,
             "status": ctx.status, "format": FORMAT_VERSION["spectrum"]}
     log(f"[{ctx.run_name}] step {step}: λ1={float(res.eigenvalues[0]):.4g}, {res.matvecs} HVPs, {seconds:.2f} s"
-        f"{' (warm)' if v0 is not None else ''}")
+        f"{' (warm)' if v0 is not None else ''}{f', {world} ranks' if world > 1 else ''}")
     return pd.DataFrame(rows), vecs

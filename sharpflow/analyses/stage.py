@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from ..config import FORMAT_VERSION, RunConfig, SpectrumConfig, dump_json
 from ..data import load_prepared
 from ..errors import SharpflowError
+from ..hessian.distributed import RankFailure, group_rank_world
 from ..io import load_torch, publish, save_torch, sha256_file, write_parquet, write_text
 from ..results import aggregate as concat
 from . import REGISTRY
@@ -145,6 +146,7 @@ def run_chain(
     Outputs go to the paths of :func:`spectrum_paths` and :func:`analysis_paths` under ``results``.
     """
 
+    refuse_distributed_analyses(analyses, group_rank_world()[1])
     device = torch.device(device)
     data = load_prepared(data_dir, device=device)
     stash = _Stash(Path(results) / "runs" / run_name / ".analysis", log)
@@ -180,7 +182,7 @@ def run_chain(
         _spectrum(ctx, spectrum, spec_json, None, None, stash, sha256_file(best), results, progress, label="best")
         written["spectrum_best"] = [spectrum_paths(results, run_name, None)[0]]
         log(f"[{run_name}] best-validation checkpoint (step {ctx.step}) done")
-    if aggregate:
+    if aggregate and _writer():
         for kind, files in written.items():
             concat(files, Path(results) / "runs" / run_name / f"{kind}.parquet")
     return time.perf_counter() - t0
@@ -196,19 +198,63 @@ def _spectrum(ctx: CheckpointContext, cfg: SpectrumConfig, spec_json: str, previ
     key = _key("spectrum", spec_json, FORMAT_VERSION["spectrum"], ck_sha, previous_key)
     files = {**stash.files("spectrum", ["spectrum"], slot),
              "eigvecs": stash.root / "spectrum" / "eigvecs" / f"{_label(slot)}.pt"}
-    if not stash.valid("spectrum", slot, key, list(files.values())):
+    rank, world = group_rank_world()
+    # several ranks: rank 0 alone reads the stash and decides; the others compute with it or take its vectors
+    reuse = _from_rank0(rank == 0 and stash.valid("spectrum", slot, key, list(files.values())), world)
+    vecs: dict[str, Any] | None = None
+    if not reuse:
         table, vecs = spectrum_mod.compute(ctx, cfg, previous, progress=progress, log=ctx.log)
-        save_torch(files["eigvecs"], vecs)
-        write_parquet(files["spectrum"], table)
-        stash.seal("spectrum", slot, key, list(files.values()))
+        if rank == 0:
+            save_torch(files["eigvecs"], vecs)
+            write_parquet(files["spectrum"], table)
+            stash.seal("spectrum", slot, key, list(files.values()))
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: spectrum reused from the stash")
-    out_table, out_vecs = spectrum_paths(results, ctx.run_name, None if label else step)
-    publish(files["spectrum"], out_table, touch=True)
-    publish(files["eigvecs"], out_vecs, touch=True)
-    ctx.with_eigvecs(out_vecs)
+    if rank == 0:
+        out_table, out_vecs = spectrum_paths(results, ctx.run_name, None if label else step)
+        publish(files["spectrum"], out_table, touch=True)
+        publish(files["eigvecs"], out_vecs, touch=True)
+        ctx.with_eigvecs(out_vecs)
+        if reuse:
+            _from_rank0(ctx.eigvecs, world)
+    else:  # the same vectors as rank 0's file: computed in lockstep, or sent by rank 0 (the next warm start)
+        ctx.eigvecs = vecs if not reuse else _from_rank0(None, world)
     assert ctx.eigvecs is not None
     return ctx.eigvecs, key
+
+
+# ------------------------------------------------------------------------------ several processes
+def _writer() -> bool:
+    """Whether this process writes the job's files: always, but for ranks other than 0 of a process group."""
+    return group_rank_world()[0] == 0
+
+
+def _from_rank0(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (``world`` 1: ``obj``); every rank must call it at the same point."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise RankFailure(f"rank {dist.get_rank()} of {world}: the broadcast of rank 0's stash decision failed: "
+                          "another rank died or did not answer within the process group's timeout "
+                          f"({type(err).__name__}: {first})") from err
+    return box[0]
+
+
+def refuse_distributed_analyses(analyses: Sequence[Planned], world: int) -> None:
+    """Over several processes only the spectrum runs: one line naming any other analysis planned."""
+    names = [p.analysis.name for p in analyses if p.steps]
+    if world > 1 and names:
+        what, it = ((f"analysis '{names[0]}' does", "it") if len(names) == 1
+                    else (f"analyses {', '.join(map(repr, names))} do", "them"))
+        raise SharpflowError(f"{what} not run over several processes yet: run {it} with "
+                             f"resources.spectrum.world_size 1 (this job has {world}; only the spectrum runs over "
+                             "several)")
 
 
 def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum_key: str, ck_sha: str,

@@ -6,6 +6,11 @@
 # the whole run also writes its aggregated tables; otherwise an aggregate job per run does. With
 # resources.runs_per_job > 1, whole runs of a study are analysed one after another in one job.
 #
+# resources.spectrum.world_size N > 1: each analysis job is N processes under resources.spectrum.launcher
+# (torchrun --standalone, or srun for one SLURM task per rank), asking for N times the threads, GPUs and
+# memory (analyse_launch in common.smk); only the spectrum runs, with runs_per_job 1 (checked when the
+# workflow is read). N 1 keeps exactly the command and resources it always had.
+#
 # These rules are generated per run (analyse_<run>, analyse_<run>_j<i>, aggregate_<run>) and per group
 # (analyse_<study>__group<i>): a job's outputs are its runs' aggregated tables, one per table kind its runs
 # have, which depends on the analyses planned for each run (an analysis on for some studies or runs only,
@@ -18,7 +23,7 @@ for _run in ANALYSED:
     if _run in GROUPED:
         continue
     for _i, _job in enumerate(JOBS[_run]):
-        _res = job_resources(_run, _job)
+        _command, _threads, _resources = analyse_launch(job_resources(_run, _job))
 
         rule:
             name:
@@ -47,12 +52,12 @@ for _run in ANALYSED:
                 f"{R}/logs/analyse/{_run}/job{_i:03d}.log",
             benchmark:
                 f"{R}/benchmarks/analyse/{_run}/job{_i:03d}.tsv"
-            threads: _res["threads"]
+            threads: _threads
             priority: ANALYSIS_PRIORITY + analysis_weight(_run)
             resources:
-                **{k: v for k, v in _res.items() if k != "threads"},
+                **_resources,
             shell:
-                "sharpflow analyse --no-progress --threads {threads} --spectrum {params.spectrum:q} "
+                f"{_command}--no-progress --threads {{threads}} --spectrum {{params.spectrum:q}} "
                 "--analyses {params.analyses:q} --run {params.run:q} --run-name {params.name:q} "
                 "--data {params.data:q} --results {params.results:q} --chain-starts {params.starts} "
                 "{params.aggregate} {params.best} --timing {params.timing:q} {input.checkpoints:q} 2> {log:q}"

@@ -98,6 +98,31 @@ def _jobs(run):
 PLAN = {run: _plan(run) for run in ANALYSED}
 
 
+def _check_analysis_world():
+    """resources.spectrum.world_size > 1 (one analysis job over several processes) computes the spectrum
+    only, one run per job: say so when the workflow is read, not in every job."""
+    n = RES.spectrum.world_size
+    others = [name for name in ("train", *ANALYSES) if getattr(RES, name).world_size != 1]
+    if others:
+        raise WorkflowError(f"invalid sharpflow config: resources.{others[0]}.world_size: only "
+                            "resources.spectrum.world_size is used (a run's own world_size trains it over "
+                            "several processes)")
+    if n == 1:
+        return
+    if RES.runs_per_job > 1:
+        raise WorkflowError(f"invalid sharpflow config: resources.spectrum.world_size {n} with "
+                            f"resources.runs_per_job {RES.runs_per_job}: a grouped analysis job runs as one "
+                            "process; set runs_per_job 1 to analyse over several processes")
+    planned = sorted({name for run in ANALYSED for name in PLAN[run]})
+    if planned:
+        raise WorkflowError(f"invalid sharpflow config: analysis '{planned[0]}' does not run over several "
+                            "processes yet: run it with resources.spectrum.world_size 1 (or switch it off: "
+                            f"resources.spectrum.world_size {n} computes the spectrum only)")
+
+
+_check_analysis_world()
+
+
 def analysis_weight(run):
     """A rough measure of a run's analysis work: its checkpoints (the spectrum) plus, per planned
     analysis, the checkpoints it runs at. The scheduling priority of the run's training job, and
@@ -213,17 +238,36 @@ def train_launch(run):
     """A run's TrainLaunch: for world_size 1, the plain command with resources.train as they are; for
     world_size N > 1, N ranks under resources.train.launcher, each with the threads, GPUs and memory of
     resources.train (`sharpflow train --threads` is then the job's, shared by its ranks)."""
-    n, res = RUNS[run].world_size, RES.train
+    res = RES.train
+    return stage_launch(RUNS[run].world_size, res.launcher, res.threads, res.gpu, res.mem_mb)
+
+
+def stage_launch(n, launcher, threads, gpu, mem_mb):
+    """A TrainLaunch of n ranks under launcher, each with threads, gpu and mem_mb (n 1: the plain command)."""
     if n == 1:
-        return TrainLaunch("", res.threads, res.gpu, res.mem_mb)
-    if res.launcher == "srun":
-        extra = {"mpi": "srun", "tasks": n, "cpus_per_task": res.threads}
-        if res.gpu:
+        return TrainLaunch("", threads, gpu, mem_mb)
+    if launcher == "srun":
+        extra = {"mpi": "srun", "tasks": n, "cpus_per_task": threads}
+        if gpu:
             extra["tasks_per_gpu"] = 1
         prefix = f"srun --ntasks={n} --kill-on-bad-exit=1 "
     else:
         extra, prefix = {}, f"torchrun --standalone --nproc-per-node {n} --no-python -- "
-    return TrainLaunch(prefix, res.threads * n, res.gpu * n, res.mem_mb * n, extra)
+    return TrainLaunch(prefix, threads * n, gpu * n, mem_mb * n, extra)
+
+
+def analyse_launch(res):
+    """An analysis job's launch from its job_resources: with resources.spectrum.world_size N > 1, N ranks
+    under resources.spectrum.launcher (`sharpflow analyse --world-size N`, the job asking for N times the
+    threads, GPUs and memory, and under srun for N tasks); N 1: the command and resources as they were.
+    Returns (command prefix, threads, the rule's other resources)."""
+    n = RES.spectrum.world_size
+    launch = stage_launch(n, RES.spectrum.launcher, res["threads"], res["gpu"], res["mem_mb"])
+    prefix = launch.prefix + ("sharpflow analyse " if n == 1 else f"sharpflow analyse --world-size {n} ")
+    other = {k: v for k, v in res.items() if k != "threads"}
+    if n > 1:
+        other.update(gpu=launch.gpu, mem_mb=launch.mem_mb, **launch.resources)
+    return prefix, launch.threads, other
 
 
 def rule_name(prefix, run):
