@@ -401,3 +401,101 @@ def test_workflow_starts_a_run_of_several_ranks_under_its_launcher(tmp_path, lau
     if launcher == "srun":
         expected |= {"mpi": "srun", "tasks": "2", "cpus_per_task": "2", "tasks_per_gpu": "1"}
     assert res_two == expected
+
+
+def test_a_tiny_study_of_two_ranks_runs_through_snakemake_end_to_end(tmp_path):
+    """Snakemake for real, on the CPU with gloo: a study whose run trains on 2 ranks (torchrun) and whose
+    spectrum is solved on 2 ranks, beside the same study on one process. The checkpoints agree to float
+    tolerance, the eigenvalues to 1e-5 relative with the same converged flags, and the spectrum table
+    is written once."""
+
+    def study(root: Path, world: int) -> Path:
+        cfg = {
+            "results": str(root / "results"),
+            "datasets": {"tiny": TINY_DATASET},
+            "defaults": {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
+                         "optimizer": {"lr": 0.1, "batch_size": 20, "weight_decay": 0.001}, "steps": 24,
+                         "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu",
+                         **({"world_size": world} if world > 1 else {})},
+            "studies": {"s": {}},
+            "spectrum": {"k": 3, "tol": 1.0e-4, "frobenius_probes": 0},
+            "project": {"enabled": False},
+            "claims": {"enabled": False},
+            "resources": {"runs_per_job": 1, "train": {"threads": 1},
+                          "spectrum": {"threads": 1, **({"world_size": world} if world > 1 else {})}},
+            "figures": {}, "tables": {},
+        }
+        root.mkdir(parents=True)
+        (root / "config.yaml").write_text(json.dumps(cfg))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d",
+                               str(root), "--configfile", str(root / "config.yaml"), "--cores", "2"],
+                              capture_output=True, text=True, timeout=400, env=env, cwd=root)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return root / "results" / "runs" / "s"
+
+    one, two = study(tmp_path / "one", 1), study(tmp_path / "two", 2)
+    ck_one, ck_two = sorted((one / "checkpoints").glob("step*.pt")), sorted((two / "checkpoints").glob("step*.pt"))
+    assert [p.name for p in ck_one] == [p.name for p in ck_two] and len(ck_one) >= 3
+    for a, b in zip(ck_one, ck_two, strict=True):
+        sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+    s1, s2 = pd.read_parquet(one / "spectrum.parquet"), pd.read_parquet(two / "spectrum.parquet")
+    assert len(s1) == len(s2) == 3 * len(ck_one)  # every checkpoint once, k = 3 rows each
+    assert list(s1["converged"]) == list(s2["converged"]) and s1["converged"].all()
+    torch.testing.assert_close(torch.tensor(s2["eigenvalue"].to_numpy()), torch.tensor(s1["eigenvalue"].to_numpy()),
+                               rtol=1e-5, atol=1e-7)
+    log = "\n".join(p.read_text() for p in (two.parents[1] / "logs" / "analyse").rglob("*.log"))
+    assert "2 ranks" in log
+
+
+def test_sigkill_of_one_rank_then_a_rerun_finishes_as_an_uninterrupted_run(tiny_data, tmp_path):
+    """Two ranks under torchrun; rank 1 is killed with SIGKILL once a checkpoint past step 0 exists. The job
+    fails (the other rank cannot go on alone); started again, it resumes from the newest checkpoint and
+    ends with checkpoints bitwise equal to an uninterrupted two-rank run's."""
+    import signal
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = tiny_run(world_size=2, steps=1500, checkpoints={"zoom_every": 0, "every_epochs": 15})
+
+    def start(out: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+               "--", str(Path(sys.executable).parent / "sharpflow"), *_train_args(run, tiny_data, out)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+    whole = start(tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+
+    killed = start(tmp_path / "killed")
+    deadline = time.monotonic() + 240
+    victim = None
+    while time.monotonic() < deadline and killed.poll() is None:
+        dumps = [p for p in (tmp_path / "killed" / "checkpoints").glob("step*.pt") if p.name != "step00000000.pt"]
+        if dumps and victim is None:
+            for child in psutil.Process(killed.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == "1":
+                        victim = child
+                        break
+                except psutil.Error:
+                    continue
+            if victim is not None:
+                os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    assert victim is not None, "rank 1 was not found before the run ended"
+    assert killed.wait(timeout=300) != 0  # the job failed; what rank 0 had written is kept
+    done = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step*.pt"))
+    final = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").glob("step*.pt"))
+    assert done != final  # killed mid-run
+
+    again = start(tmp_path / "killed")
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-3000:]
+    assert "resuming from step" in again.stderr.read()
+    a, b = _checkpoints(tmp_path / "killed"), _checkpoints(tmp_path / "whole")
+    assert list(a) == list(b) == final
+    for name in a:
+        for key in a[name]["model"]:
+            assert torch.equal(a[name]["model"][key], b[name]["model"][key]), (name, key)
