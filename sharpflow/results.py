@@ -202,6 +202,28 @@ def style_list(opts: dict[str, Any], key: str, default: Sequence[Any]) -> list[A
     return list(v)
 
 
+# ------------------------------------------------------------------- runs by their settings
+#: the run settings that tell runs apart besides the seed ("study": the one a replicate study repeats).
+REPLICATE_KEYS = ("study", "lr", "batch_size", "momentum", "optimizer", "gamma", "k", "subspace", "loss",
+                  "warmup_steps", "rho", "adaptive")
+
+
+def group_by_settings(data: Data, runs: Sequence[str], keys: Sequence[str]) -> list[list[str]]:
+    """``runs`` grouped by their values of ``keys`` (the study as :meth:`Data.study` gives it), the groups
+    and their runs in order of first appearance."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in runs:
+        groups.setdefault(tuple(repr(data.study(r) if k == "study" else data.value(r, k)) for k in keys),
+                          []).append(r)
+    return list(groups.values())
+
+
+def replicate_groups(data: Data, runs: Sequence[str]) -> list[list[str]]:
+    """``runs`` grouped into replicates: runs equal in every setting of :data:`REPLICATE_KEYS`, so that
+    they differ at most by the seed."""
+    return group_by_settings(data, runs, REPLICATE_KEYS)
+
+
 # ------------------------------------------------------------------- NSGD vs SGD groups
 #: ("nsgd", γ, K), ("sgd", η, None) or ("sam", ρ, η): the runs of a group differ only in seed.
 Group = tuple[str, float | None, float | None]

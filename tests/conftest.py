@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sharpflow.config import DatasetConfig, RunConfig
 
 TINY_DATASET = {"source": "mnist1d", "mnist1d_samples": 500, "valid_size": 80, "hessian_subset": 64, "seed": 0}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_workflow_config(results: Path, defaults: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+    """A workflow config on TINY_DATASET: an MLP with 12 hidden units, 32 SGD steps in batches of 20, a
+    checkpoint every epoch, no figures or tables; ``defaults`` updates the defaults section, ``sections``
+    add or replace top-level sections."""
+    base = {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
+            "optimizer": {"lr": 0.1, "batch_size": 20}, "steps": 32,
+            "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"}
+    return {"results": str(results), "datasets": {"tiny": TINY_DATASET}, "defaults": {**base, **(defaults or {})},
+            "figures": {}, "tables": {}, **sections}
 
 
 def tiny_run(**over) -> RunConfig:

@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from sharpflow.errors import SharpflowError
 from sharpflow.hessian.distributed import init_distributed
 from sharpflow.train import _check_slices, train
 
-from .conftest import TINY_DATASET, tiny_run
+from .conftest import TINY_DATASET, free_port, tiny_run, tiny_workflow_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAWN = mp.get_context("forkserver")
@@ -121,14 +120,9 @@ def _worker(rank: int, world: int, port: int, data: str, base: str, kinds: list[
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _spawn(world: int, data: Path, base: Path, kinds: list[str], resume: bool, wait_s: float = 120) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     procs = [SPAWN.Process(target=_worker, args=(r, world, port, str(data), str(base), kinds, resume))
              for r in range(world)]
     for p in procs:
@@ -365,16 +359,9 @@ def test_world_size_one_is_left_out_of_the_run_config():
 def test_workflow_starts_a_run_of_several_ranks_under_its_launcher(tmp_path, launcher):
     """A dry run: the run of 2 ranks gets the launcher's prefix, twice the threads, GPUs and memory (srun:
     also the SLURM plugin's MPI resources); the run of one process keeps the command it always had."""
-    cfg = {
-        "results": str(tmp_path / "results"),
-        "datasets": {"tiny": TINY_DATASET},
-        "defaults": {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
-                     "optimizer": {"lr": 0.1, "batch_size": 20}, "steps": 32,
-                     "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"},
-        "studies": {"one": {}, "two": {"base": {"world_size": 2}}},
-        "resources": {"train": {"threads": 2, "gpu": 1, "mem_mb": 1000, "launcher": launcher}},
-        "figures": {}, "tables": {},
-    }
+    cfg = tiny_workflow_config(
+        tmp_path / "results", studies={"one": {}, "two": {"base": {"world_size": 2}}},
+        resources={"train": {"threads": 2, "gpu": 1, "mem_mb": 1000, "launcher": launcher}})
     (tmp_path / "config.yaml").write_text(json.dumps(cfg))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d",
@@ -410,21 +397,14 @@ def test_a_tiny_study_of_two_ranks_runs_through_snakemake_end_to_end(tmp_path):
     is written once."""
 
     def study(root: Path, world: int) -> Path:
-        cfg = {
-            "results": str(root / "results"),
-            "datasets": {"tiny": TINY_DATASET},
-            "defaults": {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
-                         "optimizer": {"lr": 0.1, "batch_size": 20, "weight_decay": 0.001}, "steps": 24,
-                         "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu",
-                         **({"world_size": world} if world > 1 else {})},
-            "studies": {"s": {}},
-            "spectrum": {"k": 3, "tol": 1.0e-4, "frobenius_probes": 0},
-            "project": {"enabled": False},
-            "claims": {"enabled": False},
-            "resources": {"runs_per_job": 1, "train": {"threads": 1},
-                          "spectrum": {"threads": 1, **({"world_size": world} if world > 1 else {})}},
-            "figures": {}, "tables": {},
-        }
+        cfg = tiny_workflow_config(
+            root / "results",
+            defaults={"optimizer": {"lr": 0.1, "batch_size": 20, "weight_decay": 0.001}, "steps": 24,
+                      **({"world_size": world} if world > 1 else {})},
+            studies={"s": {}}, spectrum={"k": 3, "tol": 1.0e-4, "frobenius_probes": 0}, project={"enabled": False},
+            claims={"enabled": False},
+            resources={"runs_per_job": 1, "train": {"threads": 1},
+                       "spectrum": {"threads": 1, **({"world_size": world} if world > 1 else {})}})
         root.mkdir(parents=True)
         (root / "config.yaml").write_text(json.dumps(cfg))
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -42,6 +41,8 @@ from sharpflow.hessian.distributed import (
     shard_batches,
 )
 from sharpflow.params import flat_params, trainable, unflatten
+
+from .conftest import free_port
 
 N, D_IN, HIDDEN, CLASSES, BATCH = 31, 6, 8, 3, 8
 WD = 1e-2  # weight decay: must appear once in every product, whatever the world size
@@ -176,17 +177,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str, timeo
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _spawn(world: int, scenario: str, out_dir: Path, timeout_s: float = 60.0, wait_s: float = 90.0,
            end_with_rank0: bool = False) -> list[int | None]:
     """Run ``scenario`` on ``world`` spawned ranks and return their exit codes. Ranks still alive
     after ``wait_s`` (or, with ``end_with_rank0``, once rank 0 has finished) are killed."""
-    port = _free_port()
+    port = free_port()
     procs = [SPAWN.Process(target=_worker, args=(r, world, port, str(out_dir), scenario, timeout_s))
              for r in range(world)]
     for p in procs:

@@ -25,7 +25,7 @@ from sharpflow import cli
 from sharpflow.config import DatasetConfig, SpectrumConfig
 from sharpflow.train import train
 
-from .conftest import TINY_DATASET, tiny_run
+from .conftest import TINY_DATASET, tiny_run, tiny_workflow_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARPFLOW = str(Path(sys.executable).parent / "sharpflow")
@@ -166,17 +166,8 @@ def test_a_wrong_number_of_processes_fails_in_one_line(trained, tmp_path, clean_
 
 
 def _dry_run(tmp_path: Path, resources: dict, project: bool = False) -> subprocess.CompletedProcess[str]:
-    cfg = {
-        "results": str(tmp_path / "results"),
-        "datasets": {"tiny": TINY_DATASET},
-        "defaults": {"dataset": "tiny", "model": {"name": "mlp", "kwargs": {"hidden": [12]}},
-                     "optimizer": {"lr": 0.1, "batch_size": 20}, "steps": 32,
-                     "checkpoints": {"zoom_every": 0, "every_epochs": 1}, "device": "cpu"},
-        "studies": {"one": {}},
-        "project": {"enabled": project},
-        "resources": resources,
-        "figures": {}, "tables": {},
-    }
+    cfg = tiny_workflow_config(tmp_path / "results", studies={"one": {}}, project={"enabled": project},
+                               resources=resources)
     (tmp_path / "config.yaml").write_text(json.dumps(cfg))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     return subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d",

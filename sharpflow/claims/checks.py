@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import Data, adaptive, lambda_max_rows, load
+from ..results import Data, adaptive, group_by_settings, lambda_max_rows, load, replicate_groups
 from ..tables._common import Column, Table, mean_std, write
 from ..tables.nsgd import run_summary
 from . import CLAIMS, READS, Claim, ClaimsConfig
@@ -442,20 +442,11 @@ def _numeric(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-#: the run settings that tell runs apart besides the seed (the study: the one a replicate study repeats).
-REPLICATE_KEYS = ("study", "lr", "batch_size", "momentum", "optimizer", "gamma", "k", "subspace", "loss",
-                  "warmup_steps", "rho", "adaptive")
-
-
 def _replicates(data: Data, runs: list[str]) -> dict[str, list[str]]:
-    """The runs grouped into replicates (equal in every setting but the seed), by a label: the run's
-    label for a lone run, the first run's with "n seeds" for a group."""
-    groups: dict[tuple, list[str]] = {}
-    for r in runs:
-        key = tuple(repr(data.study(r) if k == "study" else data.value(r, k)) for k in REPLICATE_KEYS)
-        groups.setdefault(key, []).append(r)
+    """The runs grouped into replicates (:func:`~sharpflow.results.replicate_groups`), by a label: the
+    run's label for a lone run, the first run's with its seeds for a group."""
     out = {}
-    for members in groups.values():
+    for members in replicate_groups(data, runs):
         if len(members) == 1:
             out[_label(data, members[0])] = members
         else:
@@ -477,11 +468,7 @@ def _median_over(data: Data, values: dict[str, np.ndarray]) -> Estimate:
 def _groups_varying_only(data: Data, runs: list[str], key: str) -> list[list[str]]:
     """The runs grouped by every sweep setting but ``key`` (and the seed, pooled)."""
     others = [k for k in ("lr", "batch_size", "momentum", "optimizer", "gamma", "k", "study") if k != key]
-    groups: dict[tuple, list[str]] = {}
-    for r in runs:
-        groups.setdefault(tuple(repr(data.study(r) if k == "study" else data.value(r, k)) for k in others),
-                          []).append(r)
-    return list(groups.values())
+    return group_by_settings(data, runs, others)
 
 
 def _versus_gamma_one(data: Data, runs: Sequence[str], key: str, what: str,

@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..results import Data, adaptive, varying
+from ..results import Data, adaptive, replicate_groups, varying
 from . import style
 
 
@@ -55,7 +55,7 @@ SWEPT = ("lr", "batch_size", "momentum", "gamma", "k", "seed")
 
 def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, Any]) -> None:
     key, colours = style.run_colours(data, runs, prefer=SWEPT)
-    groups = _seed_groups(data, runs)
+    groups = replicate_groups(data, runs)
     label_keys = varying(data, runs)
     if any(len(g) > 1 for g in groups):
         label_keys = [k for k in label_keys if k != "seed"]
@@ -115,14 +115,6 @@ def _panel(ax: Axes, data: Data, study: str, runs: list[str], opts: dict[str, An
     ax.set_ylabel(f"$\\lambda_1$, $\\lambda_2$ ({style.EIG_UNIT})")
     ax.set_title(f"{study}: swept {style.SYMBOL.get(key, key)}" if key else study, loc="left")
     ax.legend(handles=run_handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-
-
-def _seed_groups(data: Data, runs: list[str]) -> list[list[str]]:
-    """The runs grouped by every swept setting but the seed, in order of first appearance."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for r in runs:
-        groups.setdefault(tuple(repr(data.value(r, k)) for k in SWEPT if k != "seed"), []).append(r)
-    return list(groups.values())
 
 
 def _seed_mean(data: Data, runs: list[str]) -> tuple[pd.DataFrame, pd.Series, pd.Series]:

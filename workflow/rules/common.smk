@@ -224,8 +224,8 @@ def checkpoint_output(run, step):
     return path
 
 
-class TrainLaunch:
-    """How a run's train job starts: the command's prefix, the job's threads, GPUs and memory, and the
+class StageLaunch:
+    """How a train or analysis job starts: the command's prefix, the job's threads, GPUs and memory, and the
     resources that make it a multi-task SLURM job (the plugin's MPI mode: sbatch --ntasks, no srun -n1
     wrapper)."""
 
@@ -235,7 +235,7 @@ class TrainLaunch:
 
 
 def train_launch(run):
-    """A run's TrainLaunch: for world_size 1, the plain command with resources.train as they are; for
+    """A run's StageLaunch: for world_size 1, the plain command with resources.train as they are; for
     world_size N > 1, N ranks under resources.train.launcher, each with the threads, GPUs and memory of
     resources.train (`sharpflow train --threads` is then the job's, shared by its ranks)."""
     res = RES.train
@@ -243,9 +243,9 @@ def train_launch(run):
 
 
 def stage_launch(n, launcher, threads, gpu, mem_mb):
-    """A TrainLaunch of n ranks under launcher, each with threads, gpu and mem_mb (n 1: the plain command)."""
+    """A StageLaunch of n ranks under launcher, each with threads, gpu and mem_mb (n 1: the plain command)."""
     if n == 1:
-        return TrainLaunch("", threads, gpu, mem_mb)
+        return StageLaunch("", threads, gpu, mem_mb)
     if launcher == "srun":
         extra = {"mpi": "srun", "tasks": n, "cpus_per_task": threads}
         if gpu:
@@ -253,7 +253,7 @@ def stage_launch(n, launcher, threads, gpu, mem_mb):
         prefix = f"srun --ntasks={n} --kill-on-bad-exit=1 "
     else:
         extra, prefix = {}, f"torchrun --standalone --nproc-per-node {n} --no-python -- "
-    return TrainLaunch(prefix, threads * n, gpu * n, mem_mb * n, extra)
+    return StageLaunch(prefix, threads * n, gpu * n, mem_mb * n, extra)
 
 
 def analyse_launch(res):
