@@ -224,7 +224,10 @@ def cmd_analyse(a: argparse.Namespace) -> None:
         raise SharpflowError(f"--world-size must be at least 1, got {wanted}")
     world = _launched_world(wanted or 1)
     if wanted is not None and world != wanted:
-        raise SharpflowError(_analyse_world_mismatch(wanted, world))
+        from .train import launch_mismatch
+
+        raise SharpflowError(launch_mismatch(f"--world-size {wanted} (resources.spectrum.world_size) but",
+                                             "sharpflow analyse", wanted, world))
     planned = _planned(a.analyses)
     refuse_distributed_analyses(planned, world)
     _setup_threads(max(1, a.threads // world) if a.threads else None)
@@ -250,13 +253,6 @@ def cmd_analyse(a: argparse.Namespace) -> None:
 
 def _quiet(msg: str) -> None:
     """The log of a rank other than 0: rank 0 says it all."""
-
-
-def _analyse_world_mismatch(wanted: int, launched: int) -> str:
-    how = (f"start it with `torchrun --standalone --nproc-per-node {wanted} --no-python -- sharpflow analyse ...` "
-           f"or `srun --ntasks={wanted} sharpflow analyse ...`" if wanted > 1 else "start it as one process")
-    return (f"--world-size {wanted} (resources.spectrum.world_size) but started as {launched} "
-            f"process{'es' if launched != 1 else ''}: {how}")
 
 
 def cmd_analyse_runs(a: argparse.Namespace) -> None:

@@ -414,12 +414,17 @@ def join_world(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     return init_distributed(backend=backend, timeout_s=timeout_s)
 
 
+def launch_mismatch(subject: str, command: str, wanted: int, launched: int) -> str:
+    """The one line of a job started by another number of processes than it asks for: ``subject`` (what
+    asks for ``wanted``), how many were started, and how to start ``command`` ("sharpflow train") right."""
+    how = (f"start it with `torchrun --standalone --nproc-per-node {wanted} --no-python -- {command} ...` "
+           f"or `srun --ntasks={wanted} {command} ...`" if wanted > 1 else "start it as one process")
+    return f"{subject} started as {launched} process{'es' if launched != 1 else ''}: {how}"
+
+
 def world_size_mismatch(run_name: str, wanted: int, launched: int) -> str:
     """The one line a run says when it was started by another number of processes than its world_size."""
-    how = (f"start it with `torchrun --standalone --nproc-per-node {wanted} --no-python -- sharpflow train ...` "
-           f"or `srun --ntasks={wanted} sharpflow train ...`" if wanted > 1 else "start it as one process")
-    return (f"run {run_name} has world_size {wanted} but was started as {launched} "
-            f"process{'es' if launched != 1 else ''}: {how}")
+    return launch_mismatch(f"run {run_name} has world_size {wanted} but was", "sharpflow train", wanted, launched)
 
 
 class _DataParallel:
@@ -885,4 +890,5 @@ def _quiet(*_: Any) -> None:
     pass
 
 
-__all__ = ["METRICS_COLUMNS", "DataOrder", "evaluate", "join_world", "mix_seed", "train", "world_size_mismatch"]
+__all__ = ["METRICS_COLUMNS", "DataOrder", "evaluate", "join_world", "launch_mismatch", "mix_seed", "train",
+           "world_size_mismatch"]
