@@ -2,7 +2,14 @@
 
 A checkpoint ``checkpoints/step{step:08d}.pt`` holds the weights after ``step`` updates and
 :data:`CKPT_KEYS`; every stage after training reads it with :func:`load_checkpoint` and
-:func:`restore_model`.
+:func:`restore_model`. Optional keys (a reader uses ``.get``; older checkpoints lack the newer ones):
+
+- ``precond``: Adam's and AdamW's preconditioner sqrt(v̂) + ε, flat (the ``precond`` analysis);
+- ``last_update``: Δθ = θ_step − θ_{step−1}, the update that produced these weights, a flat float32
+  CPU tensor in the order of :func:`sharpflow.params.flat_params` (the trainable parameters). Present
+  only where an update led to the step: not at step 0, nor in the checkpoints that training writes
+  after a divergence or an early stop for steps it never reached, nor in ``best.pt`` (the
+  ``selfstab`` analysis reads it). Checkpoints written before it existed lack it.
 
 :class:`CheckpointWriter` is training's side: each dump is first written into ``.resume/``
 (outside Snakemake's declared outputs, which Snakemake deletes when a job fails) together with
@@ -205,9 +212,11 @@ class CheckpointWriter:
         self, step: int, *, model: nn.Module, epoch: float, status: str, run_name: str,
         optimizer: torch.optim.Optimizer, schedule: dict[str, float], rows: list[dict[str, Any]], wall_s: float,
         lr: float, best: dict[str, Any] | None = None, precond: torch.Tensor | None = None,
+        last_update: torch.Tensor | None = None,
     ) -> None:
         """Checkpoint + resume state for ``step`` (weights after ``step`` updates; ``lr`` is the
-        learning rate in force there, the one the next update uses).
+        learning rate in force there, the one the next update uses). ``precond`` and ``last_update``
+        (optional keys of the checkpoint, see the module docstring) are stored as given.
 
         ``rows`` are the metrics rows since the previous dump. Serialised here, written by the
         background thread: the checkpoint (fsynced), the rows, the resume state that names both,
@@ -217,6 +226,8 @@ class CheckpointWriter:
         content = _checkpoint(model, step, epoch, status, run_name, lr)
         if precond is not None:
             content["precond"] = precond  # Adam's sqrt(v̂) + ε, flat (the precond analysis reads it)
+        if last_update is not None:
+            content["last_update"] = last_update  # θ_step − θ_{step−1}, flat (the selfstab analysis reads it)
         ck = _serialise(content)
         chunk = json.dumps(rows).encode()
         st = _serialise({"digest": self.stash.digest, "step": step, "optimizer": optimizer.state_dict(),

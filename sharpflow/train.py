@@ -3,7 +3,9 @@
 One function, :func:`train`, runs SGD (or Nudged-SGD) for one run and writes
 
 - ``checkpoints/step{step:08d}.pt`` at every step of :func:`sharpflow.config.checkpoint_steps`
-  (names, loading and writing in :mod:`sharpflow.checkpoints`);
+  (names, loading and writing in :mod:`sharpflow.checkpoints`), each reached by an update with that
+  update Δθ = θ_t − θ_{t−1} (``last_update``: a copy of θ is kept before an update that leads to a
+  checkpoint; nothing else changes);
 - ``metrics.parquet`` (schema in :data:`METRICS_COLUMNS`).
 
 Determinism: the data order of epoch ``e`` and all randomness of step ``t`` (augmentation,
@@ -84,6 +86,7 @@ from .hessian.distributed import DistInfo, _all_reduce, distributed_hessian, gro
 from .io import write_parquet
 from .models import build_model, count_correct, count_correct_each, draws_randomness, loss_fn, loss_for
 from .nsgd import NudgedSGD
+from .params import flat_params
 from .sam import SAM
 
 #: metrics.parquet: one row per (step, split). ``split`` is "batch" (the mini-batch of that
@@ -585,6 +588,8 @@ class _Run:
         self.best: dict[str, Any] | None = None
         self._valid_at: tuple[int, float, float] | None = None  # (step, loss, accuracy) just evaluated
         self._lr_set = math.nan  # the learning rate in opt.param_groups
+        #: (step it leads to, θ before it) of an update that leads to a checkpoint (rank 0; see _keep_before)
+        self._before: tuple[int, Tensor] | None = None
         self._wall_offset, self._t0 = 0.0, time.perf_counter()
 
     def wall(self) -> float:
@@ -625,6 +630,7 @@ class _Run:
         while step < self.last and self.status == "ok":
             if stop_after is not None and step - self.start >= stop_after:
                 return False
+            self._keep_before(step)
             self.update(step)
             step += 1
             if bar is not None:
@@ -828,7 +834,24 @@ class _Run:
                         optimizer=self.opt, schedule=self.sched.state, rows=self.metrics.unsaved(), wall_s=self.wall(),
                         lr=self.sched.lr_at(step), best=self.best,
                         precond=adam_preconditioner(self.model, self.opt)
-                        if self.run.optimizer.adaptive and self.rank == 0 else None)
+                        if self.run.optimizer.adaptive and self.rank == 0 else None,
+                        last_update=self._last_update(step))
+
+    def _keep_before(self, step: int) -> None:
+        """Before update ``step``: on the writing rank, a copy of the flat trainable θ when the update
+        leads to a checkpoint (step + 1 scheduled), for that checkpoint's ``last_update``. A copy only:
+        training is unchanged, bit for bit."""
+        if self.rank == 0 and step + 1 in self.ckpt_steps:
+            self._before = (step + 1, flat_params(self.model))
+
+    def _last_update(self, step: int) -> Tensor | None:
+        """Δθ = θ_step − θ_{step−1} (flat float32, CPU, in :func:`~sharpflow.params.flat_params` order) when
+        the update just done produced ``step``; None otherwise (step 0, the checkpoints :meth:`finish`
+        writes for steps never reached, the other ranks)."""
+        before, self._before = self._before, None
+        if before is None or before[0] != step:
+            return None
+        return (flat_params(self.model) - before[1]).float().cpu()
 
 
 def train(

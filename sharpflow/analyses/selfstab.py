@@ -9,11 +9,18 @@ spectrum's top eigenvector and g = ∇L:
   twice, by differentiating uᵀH(θ)u (one Hessian-vector product built with ``create_graph``) once
   more. Damian et al.'s self-stabilization: when η·λ1/2 > 1 the step along ∇S (size set by α and
   β) pulls the sharpness back to 2/η;
-- ``eta_lambda_half``: η·λ1/2 with η in force at the checkpoint.
+- ``eta_lambda_half``: η·λ1/2 with η in force at the checkpoint;
+- ``update_curvature``: the curvature along the last update, ΔθᵀHΔθ/‖Δθ‖² with Δθ = θ_t − θ_{t−1} the
+  update that produced the checkpoint (its ``last_update``, stored by training; one more
+  Hessian-vector product on the same graph), and ``update_norm`` = ‖Δθ‖. For full-batch gradient
+  descent without momentum Δθ = −η∇L, so it is the curvature along the gradient one step earlier;
+  with momentum or mini-batches it is the curvature the step actually met (Damian et al. 2023 track
+  it beside 2/η). NaN at step 0 and where the checkpoint has no ``last_update`` (checkpoints written
+  before training stored it: one log line per run says so; retraining the run stores it).
 
 Meant for full-batch runs (the ``eos`` studies), where the gradient is that of the whole loss. Table
 ``runs/{run}/selfstab/step*.parquet``: one row per checkpoint with those columns and ``grad_norm``,
-plus run, step, epoch, status.
+plus run, step, epoch, status. Format 2 added ``update_curvature`` and ``update_norm``.
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ class SelfStabConfig(Strict):
     n: PositiveInt | None = Field(None, description="Hessian examples (None: the dataset's hessian_subset).")
 
 
-def third_order_terms(loss: Any, theta: torch.Tensor, u: torch.Tensor) -> dict[str, float]:
-    """For a loss of the flat parameters: ∇L, S = uᵀHu, ∇S = ∇³L[u, u], gᵀHg/‖g‖², α and β."""
+def third_order_terms(loss: Any, theta: torch.Tensor, u: torch.Tensor,
+                      direction: torch.Tensor | None = None) -> dict[str, float]:
+    """For a loss of the flat parameters: ∇L, S = uᵀHu, ∇S = ∇³L[u, u], gᵀHg/‖g‖², α and β; with a
+    ``direction`` d also ``update_curvature`` dᵀHd/‖d‖² and ``update_norm`` ‖d‖ (one more
+    Hessian-vector product through the same graph, no further forward pass)."""
     import torch
 
     th = theta.detach().clone().requires_grad_(True)
@@ -50,24 +60,51 @@ def third_order_terms(loss: Any, theta: torch.Tensor, u: torch.Tensor) -> dict[s
     (hu,) = torch.autograd.grad(g @ u, th, create_graph=True)
     s = hu @ u
     (grad_s,) = torch.autograd.grad(s, th, retain_graph=True)
+    out: dict[str, float] = {}
+    if direction is not None:
+        d = direction.detach().to(th)
+        (hd,) = torch.autograd.grad(g @ d, th, retain_graph=True)
+        dd = float(d @ d)
+        out = {"update_curvature": float(hd @ d) / dd if dd > 0 else math.nan, "update_norm": math.sqrt(dd)}
     gd = g.detach()
     (hg,) = torch.autograd.grad(g @ gd, th)
     gg = float(gd @ gd)
     return {"lambda1": float(s.detach()), "grad_norm": math.sqrt(gg),
             "grad_curvature": float(hg @ gd) / gg if gg > 0 else math.nan,
-            "alpha": -float(gd @ grad_s), "beta": float(grad_s @ grad_s)}
+            "alpha": -float(gd @ grad_s), "beta": float(grad_s @ grad_s), **out}
+
+
+#: the runs (their checkpoint directories) already told in this process that their checkpoints lack
+#: ``last_update``: one line per run, not one per checkpoint.
+_TOLD: set[str] = set()
+
+
+def _last_update(ctx: CheckpointContext) -> torch.Tensor | None:
+    """The checkpoint's ``last_update`` (None at step 0, and where training did not store it: then one
+    log line per run, unless the run diverged or stopped before the checkpoint)."""
+    d = ctx.checkpoint.get("last_update")
+    if d is None and ctx.step > 0 and ctx.status == "ok":
+        where = str(ctx.checkpoint_path.parent)
+        if where not in _TOLD:
+            _TOLD.add(where)
+            ctx.log(f"[{ctx.run_name}] selfstab: checkpoint step {ctx.step} (and maybe others) has no last update "
+                    "(written before training stored it): update_curvature is NaN; retraining the run stores it")
+    return d
 
 
 def compute(ctx: CheckpointContext, cfg: SelfStabConfig) -> dict[str, pd.DataFrame]:
     import pandas as pd
+    import torch
 
     from ..data import hessian_batches
+    from ..errors import SharpflowError
     from ..params import flat_params, loss_of_params, unflatten
     from .context import add_ident, finite
 
     model = ctx.model()
     nan = math.nan
-    row: dict[str, Any] = {"lambda1": nan, "grad_norm": nan, "grad_curvature": nan, "alpha": nan, "beta": nan}
+    row: dict[str, Any] = {"lambda1": nan, "grad_norm": nan, "grad_curvature": nan, "alpha": nan, "beta": nan,
+                           "update_curvature": nan, "update_norm": nan}
     ident = ctx.ident
     have_u = ctx.eigvecs is not None and len(ctx.eigvecs["eigenvalues"]) > 0
     if ctx.status != "diverged" and finite(model) and have_u:
@@ -84,7 +121,13 @@ def compute(ctx: CheckpointContext, cfg: SelfStabConfig) -> dict[str, pd.DataFra
             return data_loss + 0.5 * wd * th.square().sum()
 
         u = ctx.eigvecs["eigenvectors"][0].double()
-        row = third_order_terms(loss, flat_params(model).double(), u / u.norm())
+        theta = flat_params(model).double()
+        d = _last_update(ctx)
+        if d is not None and d.numel() != theta.numel():
+            raise SharpflowError(f"{ctx.checkpoint_path}: last_update has {d.numel()} entries, the model "
+                                 f"{theta.numel()} trainable parameters")
+        direction = None if d is None else d.to(theta.device, torch.float64)
+        row = {**row, **third_order_terms(loss, theta, u / u.norm(), direction)}
     elif ctx.status != "diverged" and finite(model):
         pass  # no eigenvector: NaN row, status as it is
     else:
@@ -100,7 +143,7 @@ ANALYSIS = Analysis(
     config=SelfStabConfig,
     compute=compute,
     select=strided,
-    format_version=1,
-    summary="curvature along the gradient and Damian et al.'s self-stabilization terms α = −∇L·∇S, β = ‖∇S‖² "
-    "(off by default)",
+    format_version=2,
+    summary="curvature along the gradient and the last update, and Damian et al.'s self-stabilization terms "
+    "α = −∇L·∇S, β = ‖∇S‖² (off by default)",
 )

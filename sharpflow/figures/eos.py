@@ -6,7 +6,10 @@ half of training (the ``eta_lambda`` column of the ``edge`` table). Right: the t
 every step (a full-batch run's per-step rows) on a log scale — at the edge it keeps falling over
 long spans while rising over short ones. Where runs have the ``selfstab`` table (Damian et al. 2023), a
 third panel: α = −∇L·∇S (progressive sharpening: S = λ1 grows along −∇L where α > 0; solid) and
-β = ‖∇S‖² (the strength of self-stabilization; dashed) against step, on a symmetric log scale.
+β = ‖∇S‖² (the strength of self-stabilization; dashed) against step, on a symmetric log scale, and in
+the left panel η·ΔθᵀHΔθ/(2‖Δθ‖²), the curvature along each checkpoint's last update (the table's
+``update_curvature``, where the checkpoints stored their last update), as a thin dotted line of the
+run's colour.
 Full-batch runs are drawn (``batch_size == "full"``); if the spec has none, all runs are. An
 unconverged pair is ringed; a diverged run ends with a ×.
 
@@ -38,7 +41,7 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     else:
         ax_s, ax_l = fig.subplots(1, 2)
     handles = []
-    any_div = any_unconverged = False
+    any_div = any_unconverged = any_update = False
     for run in runs:
         c = colours[run]
         eta = data.value(run, "lr")
@@ -57,6 +60,8 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
             if div is not None:
                 lf = last_finite(x, y, before=div[0])
                 style.mark_divergence(ax_s, div[0], lf[1] if lf else None, c)
+        if eta and run in stab:
+            any_update |= _update_curvature(ax_s, data, run, float(eta), c)
         met = data.rows("metrics", run)
         # every step's loss: a full-batch run's "batch" rows are its whole training loss before each step
         split = "batch" if full and len(met) and (met["split"] == "batch").any() else "train"
@@ -80,6 +85,10 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_l.set_ylabel("training loss")
     extra = [style.style_handle("$\\lambda_1 = 2/\\eta$", ls=":", color="k"),
              style.style_handle("median, 2nd half", marker="<", ls="none")]
+    if any_update:
+        # the curvature along the last update, in the units of the left panel
+        extra.append(style.style_handle("$\\eta\\,\\Delta\\theta^\\top H\\Delta\\theta/(2\\|\\Delta\\theta\\|^2)$",
+                                        ls=":", lw=0.8))
     if any_unconverged:
         extra.append(style.unconverged_handle())
     if any_div:
@@ -87,6 +96,20 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     ax_l.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     style.suptitle(fig, data, runs, opts, "Edge of stability")
     return fig
+
+
+def _update_curvature(ax: Any, data: Data, run: str, eta: float, colour: Any) -> bool:
+    """η·update_curvature/2 of the run's selfstab rows (those with a last update), thin and dotted;
+    True if drawn."""
+    d = data.rows("selfstab", run)
+    if "update_curvature" not in d:
+        return False  # a table of format 1, before the column existed
+    d = d[(d["status"] != "diverged") & np.isfinite(d["update_curvature"].to_numpy(float))].sort_values("step")
+    if not len(d):
+        return False
+    ax.plot(d["step"].to_numpy(float), eta * d["update_curvature"].to_numpy(float) / 2, color=colour, lw=0.8,
+            ls=":", gid="update_curvature")
+    return True
 
 
 def _self_stabilization(ax: Any, data: Data, runs: list[str], colours: dict[str, Any]) -> None:
