@@ -315,6 +315,10 @@ def presentation_runs(cfg: Config, runs: dict[str, RunConfig], names: Sequence[s
         if rc.optimizer.name == "sam":  # likewise
             out[run]["rho"] = rc.optimizer.sam.rho
             out[run]["adaptive"] = rc.optimizer.sam.adaptive
+        sharp = analysis_config(cfg, "sharpness", run)
+        for key in ("adaptive", "magnitude_aware"):  # only where set: the plain measures leave the spec as it was
+            if getattr(sharp, "enabled", False) and getattr(sharp, key, False):
+                out[run][f"sharpness_{key}"] = True
     return out
 
 

@@ -18,6 +18,8 @@ from sharpflow.claims.intervals import (
     difference_welch,
     judge,
     judge_band,
+    kendall,
+    kendall_bootstrap,
     mean_t,
     median_exact,
     ratio_of_means,
@@ -155,6 +157,19 @@ def tree(root: Path, case: str, seed_step: float = 0.02) -> tuple[dict, list[Pat
         inputs += _write(root, run, subspace=pd.DataFrame(
             [{"step": 10 * e, "epoch": float(e), "status": "ok", "k": k, "fraction": share * k / 10,
               "overlap": 0.8 if e else math.nan} for e in EPOCHS for k in range(1, 11)]))
+    # Sharpness against the generalisation gap (claim 13), on the η grid's nine runs at the last checkpoint
+    # (epoch 10), each measure a multiple of the run's last λ1: the train − test gap falls as they rise
+    # (τ = −1, holds) or rises with them (τ = +1, fails); σ′ the other way round, as 1/σ′² is the measure
+    for run in [r for r in runs if r.startswith("eta")]:
+        sharp = float(pd.read_parquet(root / "runs" / run / "spectrum.parquet")["eigenvalue"].iloc[-1])
+        gap = (20 - sharp / 10) if good else sharp / 10
+        rows = [{"step": 100, "epoch": 10.0, "status": "ok", "measure": m, "iteration": -1, "value": v, "se": 0.0}
+                for m, v in (("worst_case", 0.1 * sharp), ("average_case", 0.01 * sharp),
+                             ("pac_bayes_sigma", 1 / math.sqrt(sharp)))]
+        met = pd.DataFrame([{"step": 100, "epoch": 10.0, "split": split, "loss": 1.0, "accuracy": acc,
+                             "dist_init": 1.0, "status": "ok"} for split, acc in (("train", 0.95),
+                                                                                 ("test", 0.95 - gap / 100))])
+        inputs += _write(root, run, sharpness=pd.DataFrame(rows), metrics=met)
     seeded_grid = [r for r in runs if r.startswith("eta")]
     grid_runs = [r for r in seeded_grid if "seed" not in r]
     nsgd_runs = [r for r in runs if r.startswith("nsgd")]
@@ -171,7 +186,8 @@ def tree(root: Path, case: str, seed_step: float = 0.02) -> tuple[dict, list[Pat
             "9": {"runs": grid_runs, "figures": ["figures/batch_sharpness"]},
             "10": {"runs": adam_runs, "figures": ["figures/adam"]},
             "11": {"runs": grid_runs, "figures": ["figures/subspace"]},
-            "12": {"runs": nsgd_runs + [r for r in runs if r.startswith(("sam", "sgd"))], "figures": ["tables/nsgd"]}}
+            "12": {"runs": nsgd_runs + [r for r in runs if r.startswith(("sam", "sgd"))], "figures": ["tables/nsgd"]},
+            "13": {"runs": seeded_grid, "figures": ["figures/eta_grid"]}}
     return {"config": {}, "claims": plan, "runs": runs}, inputs
 
 
@@ -207,6 +223,8 @@ def test_every_claim_holds(tmp_path):
     assert "median λ_1(P⁻¹H)/threshold 0.9 [0.9, 0.9]" in by[10]["measured"]
     assert "top-10 share 0.9 [0.9, 0.9] (6 checkpoints)" in by[11]["measured"]
     assert "top-10 overlap 0.8 [0.8, 0.8]" in by[11]["measured"]
+    for measure in ("λ_max", "worst-case sharpness", "average-case sharpness", "PAC-Bayes 1/σ′²"):
+        assert f"{measure}: τ -1 [-1, -1] (9 runs) (claim: ≤ 0.5)" in by[13]["measured"]
 
 
 def test_every_claim_fails(tmp_path):
@@ -223,6 +241,20 @@ def test_every_claim_fails(tmp_path):
     assert "fails for eta-lr0.05 (η=0.05, S=32, seed=0), eta-lr0.1" in by[9]["reason"]
     assert "fails for adam-lr0.001" in by[10]["reason"] and "adam-lr0.002" in by[10]["reason"]
     assert "fails for eta-lr0.05 (η=0.05, S=32, seed=0), eta-lr0.1" in by[11]["reason"]
+    assert "fails for λ_max, worst-case sharpness, average-case sharpness, PAC-Bayes 1/σ′²" in by[13]["reason"]
+    assert "λ_max: τ 1 [1, 1] (9 runs)" in by[13]["measured"]
+
+
+def test_adaptive_sharpness_is_reported_beside_the_claim_not_judged(tmp_path):
+    """Runs whose worst-case sharpness is adaptive (ASAM's ball): their τ is reported apart and the claim
+    judges the others; diverged runs are left out and named."""
+    spec, inputs = tree(tmp_path, "holds")
+    for run in ("eta-lr0.02", "eta-lr0.05", "eta-lr0.1", "eta-lr0.02-seed1", "eta-lr0.05-seed1", "eta-lr0.1-seed1"):
+        spec["runs"][run]["sharpness_adaptive"] = True
+    row = next(r for r in evaluate(spec, inputs) if r["number"] == 13)
+    assert row["verdict"] == INCONCLUSIVE  # three plain worst-case runs: too few for an interval
+    assert "worst-case sharpness (adaptive): τ -1 [-1, -1] (6 runs) (reported, not judged)" in row["measured"]
+    assert "worst-case sharpness: τ -1 (no interval: 3 runs)" in row["measured"]
 
 
 def test_edge_claims_need_the_edge_reached_and_enough_eigenvectors(tmp_path):
@@ -369,6 +401,22 @@ def test_judge_and_band_by_the_interval():
         judge(est, 1.0, ">")
 
 
+def test_kendall_tau_by_hand_and_its_bootstrap():
+    """τ-b by hand: of the 6 pairs of (1,2,3,4) against (1,3,2,4), 5 are concordant and 1 discordant, τ = 4/6;
+    a tie in x drops that pair from both sides' counts."""
+    assert kendall([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(2 * 3))
+    assert math.isnan(kendall([1, 1, 1], [1, 2, 3]))
+    x = np.arange(12.0)
+    est = kendall_bootstrap(x, -x)  # perfectly inverse: every draw's τ is −1
+    assert (est.value, est.lo, est.hi, est.n) == (-1.0, -1.0, -1.0, 12)
+    noisy = kendall_bootstrap(x, x + np.random.default_rng(0).normal(0, 4, 12), seed=3)
+    assert noisy.lo < noisy.value < noisy.hi and noisy.value == pytest.approx(kendall(x, x + np.random.default_rng(
+        0).normal(0, 4, 12)))
+    assert not kendall_bootstrap(x[:5], x[:5]).has_interval  # six units at least
+    assert kendall_bootstrap([*x, math.nan], [*x, 1.0]).n == 12  # a pair with a NaN side is dropped
+
+
 def test_median_interval_is_the_exact_order_statistics():
     """n = 10: P(Bin(10, ½) ≤ 1) = 11/1024 ≤ 2.5 % < P(≤ 2), so the interval is [x_(2), x_(9)];
     fewer than 6 values have no 95 % interval."""
@@ -390,7 +438,7 @@ def _coverage(draw, truth: float) -> float:
 
 
 @pytest.mark.parametrize("case", ["mean_t", "median_exact", "difference_welch", "difference_proportions",
-                                  "spearman_of_means", "ratio_of_means"])
+                                  "spearman_of_means", "ratio_of_means", "kendall_bootstrap"])
 def test_interval_coverage_in_simulation(case):
     """Each interval type covers its true value in at least 93 % of 400 simulated data sets (nominal 95 %),
     on data like the claims': few seeds, skewed checkpoint values, proportions of steps."""
@@ -407,6 +455,9 @@ def test_interval_coverage_in_simulation(case):
         means = np.array([5.0, 4.0, 4.5, 2.0, 1.0])
         cov = _coverage(lambda r: spearman_of_means(np.arange(5.0), list(means[:, None] + r.normal(0, 0.3, (5, 3))),
                                                     draws=400), -0.9)
+    elif case == "kendall_bootstrap":  # 9 runs, a bivariate normal with correlation 0.5: τ = 2/π·asin(0.5) = 1/3
+        cov = _coverage(lambda r: kendall_bootstrap(*r.multivariate_normal([0, 0], [[1, 0.5], [0.5, 1]], 9).T,
+                                                    draws=400), 1 / 3)
     else:  # gamma-distributed |cos| rows: mean 0.2 (shape 2) over mean 0.05 (shape 4)
         cov = _coverage(lambda r: ratio_of_means(r.gamma(2.0, 0.1, 40), r.gamma(4.0, 0.0125, 30), "gradient rows"), 4.0)
     assert cov >= 0.93, f"{case}: coverage {cov:.3f}"

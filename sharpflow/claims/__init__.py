@@ -9,7 +9,8 @@ kind) and link its figures, and the per-run tables it reads. The ``claims`` stag
 units a clear verdict would need, "not enough data" naming what is missing) and the evidence.
 
 Thresholds are fields of :class:`ClaimsConfig` (the ``claims`` config section) with documented
-defaults: those of claims 1-7 fixed before any run was looked at, those of 8-11 from the papers'
+defaults: those of claims 1-7 fixed before any run was looked at, claim 13's before its runs'
+generalisation gaps were, those of 8-11 from the papers'
 wording after exploratory runs; ``accuracy_margin_pct`` (claim 7's non-inferiority margin, which
 replaced the seed-spread rule when verdicts became intervals) before the seeded runs were seen. A
 study must never tune them until a claim holds.
@@ -66,6 +67,10 @@ class ClaimsConfig(Strict):
         0.5, gt=0, le=1, description="Claim 11: 'changes slowly' = the median top-C overlap of consecutive "
         "checkpoints over the second half at least this.")
     classes: PositiveInt = Field(10, description="Claim 11: C, the number of classes (MNIST-1D, CIFAR-10: 10).")
+    weak_tau: float = Field(
+        0.5, gt=-1, lt=1, description="Claim 13: 'ranks the generalisation gap only weakly or inversely' = Kendall τ "
+        "between a non-adaptive sharpness measure and the train − test accuracy gap over the runs below this (set "
+        "with the claim, before its runs' gaps were looked at).")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ ESS = "Andreyev & Beneventano 2024"
 ADAM = "Cohen et al. 2022"
 TINY = "Gur-Ari et al. 2018"
 SAM = "Foret et al. 2021"
+RANK = "Jiang et al. 2019; Andriushchenko et al. 2023"
 
 #: The claims, in the order the table lists them.
 CLAIMS: tuple[Claim, ...] = (
@@ -134,6 +140,10 @@ CLAIMS: tuple[Claim, ...] = (
           "per ρ: λ_max at the last checkpoint minus SGD's at the same η (< 0), and test accuracy at best "
           "validation minus SGD's (≥ −accuracy_margin_pct); Welch intervals over seeds", "nsgd",
           ("metrics", "spectrum", "spectrum_best"), "sam_flatter"),
+    Claim(13, "non-adaptive sharpness measures rank the generalisation gap only weakly, or inversely", RANK,
+          "per measure at the last checkpoint (λ_max, worst-case and average-case sharpness, PAC-Bayes 1/σ′²): "
+          "Kendall τ-b with the train − test accuracy gap over the runs, below weak_tau (percentile bootstrap over "
+          "runs)", "grid", ("metrics", "spectrum", "sharpness"), "sharpness_rank"),
 )
 
 #: Every table kind a claim reads.

@@ -11,7 +11,9 @@ Each interval is a textbook method whose coverage ``tests/test_claims.py`` check
   interval (Wilson intervals of each side, combined);
 - :func:`spearman_of_means`: Spearman's ρ between a grid's values and its seed means, with a
   parametric (Student-t) bootstrap over seeds;
-- :func:`ratio_of_means`: a ratio of two groups' means with a delta-method interval on the log scale.
+- :func:`ratio_of_means`: a ratio of two groups' means with a delta-method interval on the log scale;
+- :func:`kendall_bootstrap`: Kendall's τ-b between two quantities over units (runs), with a
+  percentile bootstrap over the units.
 
 An :class:`Estimate` carries its value, interval, number of units, unit and method; :func:`judge`
 and :func:`judge_band` turn it into "holds", "does not hold" or "inconclusive", and an inconclusive
@@ -201,6 +203,55 @@ def ratio_of_means(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndar
     return Estimate(r, r * math.exp(-_Z * se), r * math.exp(_Z * se), n, unit, method, se, "log")
 
 
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's τ-b (ties corrected); NaN where either side is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(_tau_b(x[None, :], y[None, :])[0])
+
+
+def _tau_b(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """τ-b of each row pair of (draws, n) arrays over all pairs of units; NaN where a side is constant."""
+    dx = np.sign(xs[:, :, None] - xs[:, None, :])
+    dy = np.sign(ys[:, :, None] - ys[:, None, :])
+    s = (dx * dy).sum(axis=(1, 2))
+    tx, ty = (dx != 0).sum(axis=(1, 2)), (dy != 0).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((tx > 0) & (ty > 0), s / np.sqrt(tx * ty.astype(float)), np.nan)
+
+
+def kendall_bootstrap(x: Sequence[float], y: Sequence[float], unit: str = "runs", draws: int = 2000,
+                      seed: int = 0) -> Estimate:
+    """Kendall's τ-b between ``x`` and ``y`` over paired units (pairs with a non-finite side dropped),
+    with a percentile bootstrap over the units: units drawn with replacement, τ-b recomputed (draws
+    where a side is constant are skipped), the 2.5 and 97.5 percentiles taken. Six units at least;
+    ``seed`` makes it reproducible.
+
+    Coverage measured in simulation (bivariate normal, correlation 0, 0.5, 0.8; 300 trials each): 0.95-0.96
+    at 6 units, 0.96-0.98 at 9 and 18; the ties a resample makes shrink |τ| and widen the interval.
+    """
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    n = len(a)
+    method = "Kendall τ-b, percentile bootstrap over " + unit
+    tau = kendall(a, b)
+    if n < 6 or not math.isfinite(tau):
+        return _none(tau, n, unit, method)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(draws, n))
+    parts = []
+    for chunk in np.array_split(idx, max(1, draws * n * n // 2_000_000)):  # many draws at once
+        parts.append(_tau_b(a[chunk], b[chunk]))
+    taus = np.concatenate(parts)
+    taus = taus[np.isfinite(taus)]
+    if len(taus) < draws // 2:
+        return _none(tau, n, unit, method)
+    lo, hi = np.percentile(taus, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])
+    return Estimate(tau, float(lo), float(hi), n, unit, method, float(hi - lo) / (2 * _Z))
+
+
 # ------------------------------------------------------------------------------------ verdicts
 def _on_scale(value: float, scale: str) -> float:
     if scale == "log":
@@ -281,5 +332,6 @@ def combine(verdicts: Sequence[str]) -> str:
 
 
 __all__ = ["FAILS", "HOLDS", "INCONCLUSIVE", "LEVEL", "Estimate", "combine", "difference_proportions",
-           "difference_welch", "judge", "judge_band", "mean_t", "median_exact", "ratio_of_means", "spearman",
+           "difference_welch", "judge", "judge_band", "kendall", "kendall_bootstrap", "mean_t", "median_exact",
+           "ratio_of_means", "spearman",
            "spearman_of_means", "units_needed"]
