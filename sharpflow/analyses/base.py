@@ -59,8 +59,10 @@ def every_checkpoint(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
 
 def strided(cfg: Any, run: str, steps: Sequence[int]) -> list[int]:
     """``select`` for an analysis switched by ``enabled`` that runs at every ``stride``-th checkpoint,
-    always including the last."""
+    always including the last (only the last where its config has ``last_only`` set)."""
     if not getattr(cfg, "enabled", True) or not steps:
         return []
+    if getattr(cfg, "last_only", False):
+        return [steps[-1]]
     chosen = list(steps[:: cfg.stride])
     return chosen if chosen[-1] == steps[-1] else [*chosen, steps[-1]]

@@ -38,8 +38,12 @@ if TYPE_CHECKING:
 class SharpnessConfig(Strict):
     """Worst-case, average-case and PAC-Bayes sharpness at chosen checkpoints."""
 
+    omit_at_default = ("last_only",)
+
     enabled: bool = Field(False, description="Compute it.")
     stride: PositiveInt = Field(1, description="Every stride-th checkpoint, plus the last.")
+    last_only: bool = Field(False, description="Only the last checkpoint (stride ignored): enough for claim 13, "
+                            "which reads the measures at the end of training.")
     rho: PositiveFloat = Field(0.05, description="Worst case: the radius ρ.")
     norm: Literal["l2", "linf"] = Field("l2", description="Worst case: the ball's norm.")
     adaptive: bool = Field(False, description="Worst case: the magnitude-aware ball ‖δ/|w|‖ ≤ ρ.")
