@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveInt
 
 from ..configbase import Strict
+from ..errors import SharpflowError
 from .base import Analysis, strided
 
 if TYPE_CHECKING:
@@ -97,7 +98,6 @@ def compute(ctx: CheckpointContext, cfg: SelfStabConfig) -> dict[str, pd.DataFra
     import torch
 
     from ..data import hessian_batches
-    from ..errors import SharpflowError
     from ..params import flat_params, loss_of_params, unflatten
     from .context import add_ident, finite
 
