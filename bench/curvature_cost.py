@@ -109,8 +109,10 @@ def _sharpness_family(ctx, top, timed) -> None:
     - ``sharpness``: worst case, 4 batches of 128 × (10 ascent steps: 11 forward, 10 backward passes);
       average case, 17 forward passes over the N examples; no Hessian products;
     - ``blocks``: one certified top pair per weight block, each product a full H product;
+    - ``blocks`` with ``density``: the same, plus 3 probes × 20 Lanczos steps per block (full H products);
     - ``selfstab``: one gradient, two Hessian-vector products with create_graph and one third-order
-      backward over the N examples (reported as 3 products).
+      backward over the N examples, plus one more product along the last update where the checkpoint
+      stores it (reported as 3 or 4 products).
     """
     from sharpflow.analyses.blocks import BlocksConfig
     from sharpflow.analyses.blocks import compute as blocks
@@ -124,8 +126,12 @@ def _sharpness_family(ctx, top, timed) -> None:
           [], lambda out: -1)
     timed("blocks: top eigenvalue of each weight block", lambda: blocks(ctx, BlocksConfig(enabled=True)), [],
           lambda out: int(out["blocks"]["matvecs"].sum()))
+    timed("blocks + density (3 probes x 20 steps per block)",
+          lambda: blocks(ctx, BlocksConfig(enabled=True, density={"enabled": True})), [],
+          lambda out: int(out["blocks"]["matvecs"].sum())
+          + int(out["blocks_density"].drop_duplicates("block")["matvecs"].sum()))
     timed("selfstab: gHg/|g|^2, alpha, beta (third order)", lambda: selfstab(ctx, SelfStabConfig(enabled=True)), [],
-          lambda out: 3)
+          lambda out: 3 + int(out["selfstab"]["update_curvature"].notna().iloc[0]))
 
 
 if __name__ == "__main__":

@@ -603,12 +603,15 @@ def evaluate(spec: dict[str, Any], inputs: Sequence[str | Path]) -> list[dict[st
             out = Outcome(NO_DATA, [], f"no study of kind '{claim.kind}' in the config's figures or tables")
         else:
             required = [t for t in claim.reads if t != "spectrum_best"]
-            have = [r for r in runs if all(len(data.rows(t, r)) for t in required)]
-            missing = [r for r in runs if r not in have]
+            lacking = {r: tuple(t for t in required if not len(data.rows(t, r))) for r in runs}
+            have = [r for r in runs if not lacking[r]]
             out = CHECKS[claim.check](data, have, cfg) if have else Outcome(NO_DATA)
-            if missing:
-                note = f"missing tables ({', '.join(required)}) for: {', '.join(missing)}"
-                out.reason = "; ".join(x for x in (out.reason, note) if x)
+            by_tables: dict[tuple[str, ...], list[str]] = {}
+            for r in runs:
+                if lacking[r]:
+                    by_tables.setdefault(lacking[r], []).append(r)
+            notes = [f"missing tables ({', '.join(t)}) for: {', '.join(rs)}" for t, rs in by_tables.items()]
+            out.reason = "; ".join(x for x in (out.reason, *notes) if x)
         rows.append(_row(claim, out, figures, runs))
     return rows
 
