@@ -226,3 +226,74 @@ def test_tiny_study_through_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     n_sections = 2 * len(CHECKPOINTS)  # a spectrum and a project analysis per checkpoint
     assert flags[flags.index("-t") + 1] == str(n_sections * RUNTIME) and flags[flags.index("--mem") + 1] == "500"
     assert len(slurm_cluster.jobs()) == len(jobs)  # refused by sbatch: nothing queued
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_two_ranks_under_srun_match_one_process(slurm_cluster, tmp_path):
+    """``launcher: srun`` for real: a run of world_size 2 and its spectrum solved on 2 ranks, each a SLURM
+    job of 2 tasks started by the rule's srun prefix (gloo on the CPU), against the same study on one
+    local process. The checkpoints agree to float tolerance, the eigenvalues to 1e-5 relative with the
+    same converged flags; SLURM's record shows both jobs with 2 tasks."""
+
+    def config(name: str, world: int) -> Path:
+        cfg = tiny_config()
+        cfg["project"] = {"enabled": False}
+        cfg["spectrum"] = {"k": 3, "tol": 1.0e-4, "frobenius_probes": 0}
+        cfg["claims"] = {"enabled": False}
+        if world > 1:
+            cfg["defaults"]["world_size"] = world
+            # tiny_config's stages share one dict: give each its own
+            cfg["resources"]["train"] = {**cfg["resources"]["train"], "launcher": "srun"}
+            cfg["resources"]["spectrum"] = {**cfg["resources"]["spectrum"], "launcher": "srun", "world_size": world}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    srun_dir, local_dir = tmp_path / "srun", tmp_path / "local"
+    env = with_venv(slurm_cluster.env)
+    env["SBATCH_PARTITION"] = slurm_cluster.partition
+    env.pop("SBATCH_ACCOUNT", None)
+    cmd = snakemake_cmd(srun_dir, config("two.yaml", 2), "--workflow-profile", str(SLURM_PROFILE),
+                        "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
+                        "--retries", "0", "--jobs", "2")
+    local = snakemake_cmd(local_dir, config("one.yaml", 1), "--workflow-profile", str(DEFAULT_PROFILE), "--cores", "2")
+    log = tmp_path / "srun-snakemake.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+        try:
+            ref = subprocess.run(local, capture_output=True, text=True, timeout=240, env=with_venv(dict(os.environ)),
+                                 cwd=tmp_path)
+            assert ref.returncode == 0, ref.stdout + ref.stderr
+            rc = proc.wait(timeout=360)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    text = log.read_text()
+    assert rc == 0, f"{text[-6000:]}\n{slurm_cluster.log_tail()}"
+    run_id = re.search(r"SLURM run ID: (\S+)", text)
+    assert run_id, text[-3000:]
+    jobs = [j for j in slurm_cluster.jobs() if j["name"] == run_id.group(1)]
+    assert sorted(j["comment"] for j in jobs) == ["rule_analyse_tiny", "rule_train_tiny"], jobs
+    assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    for job in jobs:
+        shown = slurm_cluster.client(["scontrol", "show", "job", job["id"]]).stdout
+        assert re.search(r"\bNumTasks=2\b", shown), shown
+
+    two, one = srun_dir / "results" / "runs" / "tiny", local_dir / "results" / "runs" / "tiny"
+    for step in CHECKPOINTS:
+        name = f"step{step:08d}.pt"
+        a = torch.load(one / "checkpoints" / name, weights_only=True)["model"]
+        b = torch.load(two / "checkpoints" / name, weights_only=True)["model"]
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    s1, s2 = pd.read_parquet(one / "spectrum.parquet"), pd.read_parquet(two / "spectrum.parquet")
+    assert len(s1) == len(s2) == 3 * len(CHECKPOINTS)
+    assert list(s1["converged"]) == list(s2["converged"]) and s1["converged"].all()
+    torch.testing.assert_close(torch.tensor(s2["eigenvalue"].to_numpy()), torch.tensor(s1["eigenvalue"].to_numpy()),
+                               rtol=1e-5, atol=1e-7)
+    analyse_log = "\n".join(p.read_text() for p in (srun_dir / "results" / "logs" / "analyse").rglob("*.log"))
+    assert "2 ranks" in analyse_log
