@@ -26,7 +26,8 @@ Figure kinds (module, tables read):
   its threshold (2 + 2β₁)/(η(1 − β₁)).
 - ``eos`` (eos.py; metrics, spectrum, and selfstab where a run has it): η·λ_1/2 of full-batch runs
   vs step with the line at 1 and each run's second-half median, the training loss (Cohen et al.
-  2021), and Damian et al.'s (2023) α and β where runs have the selfstab table.
+  2021), and Damian et al.'s (2023) α and β where runs have the selfstab table (with η times the
+  curvature along the last update, dotted, beside η·λ_1/2).
 - ``batch_sharpness`` (batch_sharpness.py; batch_sharpness): η·BS/2 and η·λ_1/2 vs epoch, one
   panel per study (Andreyev & Beneventano 2024).
 - ``subspace`` (subspace.py; subspace): the gradient's share in the top-k eigenspace vs k and vs
