@@ -163,6 +163,45 @@ def lambda_max_rows(sp: pd.DataFrame) -> pd.DataFrame:
     return first.reset_index()
 
 
+#: The sharpness measures read at a run's last checkpoint (claim 13, figure kind ``gap``): key, label.
+#: ``pac_bayes`` is Jiang et al.'s flatness measure 1/σ′² (larger is sharper), from the ``pac_bayes_sigma``
+#: rows of the sharpness table.
+END_MEASURES: tuple[tuple[str, str], ...] = (("lambda_max", "λ_max"), ("worst_case", "worst-case sharpness"),
+                                             ("average_case", "average-case sharpness"),
+                                             ("pac_bayes", "PAC-Bayes 1/σ′²"))
+
+
+def end_of_run(data: Data, run: str) -> dict[str, float]:
+    """A run's sharpness measures (:data:`END_MEASURES`) and its train − test accuracy gap (``gap``, in
+    percentage points) at its last checkpoint, the spectrum's last step (``step``); NaN where missing or
+    diverged there."""
+    out = dict.fromkeys([key for key, _ in END_MEASURES] + ["gap", "step"], math.nan)
+    lam = lambda_max_rows(data.rows("spectrum", run))
+    if len(lam) == 0:
+        return out
+    last = float(lam["step"].max())
+    at = lam[lam["step"] == last]
+    out["step"] = last
+    if "status" in at and str(at["status"].iloc[0]) == "diverged":
+        return out
+    out["lambda_max"] = float(at["eigenvalue"].iloc[0])
+    sh = data.rows("sharpness", run)
+    if len(sh):
+        sh = sh[(sh["step"] == last) & (sh["status"] != "diverged")]
+        for key, measure in (("worst_case", "worst_case"), ("average_case", "average_case"),
+                             ("pac_bayes", "pac_bayes_sigma")):
+            v = sh.loc[sh["measure"] == measure, "value"]
+            if len(v):
+                x = float(v.iloc[0])
+                out[key] = (1.0 / x**2 if x > 0 else math.nan) if key == "pac_bayes" else x
+    met = data.rows("metrics", run)
+    if len(met):
+        m = met[met["step"] == last]
+        acc = [m.loc[m["split"] == split, "accuracy"] for split in ("train", "test")]
+        if all(len(a) for a in acc):
+            out["gap"] = 100 * (float(acc[0].iloc[0]) - float(acc[1].iloc[0]))
+    return out
+
 def steps_per_epoch(df: pd.DataFrame) -> float:
     """Steps per epoch from a table's (step, epoch) pairs (NaN if it cannot be told)."""
     if len(df) == 0 or "epoch" not in df:

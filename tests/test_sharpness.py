@@ -265,3 +265,53 @@ def test_sharpness_figure_draws_the_table_and_the_quadratic_model(tmp_path):
     assert list(quad.get_ydata()) == pytest.approx([0.05**2 * v / 2 for v in lam])
     worst = lines["worst_case:eta-lr0.1"]
     assert list(worst.get_ydata()) == pytest.approx([0.05**2 * v / 2 * 1.1 for v in lam])
+
+
+def test_gap_figure_plots_the_end_of_each_run_against_its_gap(tmp_path):
+    """One point per run at its last checkpoint: x the measure (1/σ′² for PAC-Bayes), y the train − test gap in
+    points; each panel's τ is Kendall's τ-b of its points; a run without the sharpness table is in the λ_max
+    panel only, a diverged run nowhere."""
+    import numpy as np
+    import pandas as pd
+
+    from sharpflow.claims.intervals import kendall
+    from sharpflow.figures import gap as fig_gap
+    from sharpflow.results import load
+
+    runs = {f"eta-lr0.0{i}": {"study": "eta" if i < 4 else "bs", "lr": i / 100} for i in range(1, 7)}
+    lam = {r: 10.0 + 3 * i for i, r in enumerate(runs)}
+    gap = {r: g for r, g in zip(runs, [5.0, 3.0, 4.0, 1.0, 2.0, 6.0], strict=True)}
+    paths = []
+    for i, run in enumerate(runs):
+        d = tmp_path / "runs" / run
+        d.mkdir(parents=True)
+        status = "diverged" if i == 5 else "ok"
+        pd.DataFrame([{"run": run, "step": s, "epoch": s / 10, "status": "ok" if s == 0 else status, "rank": 1,
+                       "eigenvalue": v, "converged": True} for s, v in ((0, 1.0), (100, lam[run]))]
+                     ).to_parquet(d / "spectrum.parquet")
+        pd.DataFrame([{"run": run, "step": 100, "epoch": 10.0, "split": split, "loss": 1.0, "accuracy": acc,
+                       "status": status} for split, acc in (("train", 0.9), ("test", 0.9 - gap[run] / 100))]
+                     ).to_parquet(d / "metrics.parquet")
+        paths += [d / "spectrum.parquet", d / "metrics.parquet"]
+        if i == 0:
+            continue  # no sharpness table: λ_max only
+        pd.DataFrame([{"run": run, "step": 100, "epoch": 10.0, "status": status, "measure": m, "iteration": -1,
+                       "value": v, "se": 0.0} for m, v in (("worst_case", 0.01 * lam[run] ** 2),
+                                                           ("average_case", 1 / lam[run]),
+                                                           ("pac_bayes_sigma", 0.1 * (i + 1)))]
+                     ).to_parquet(d / "sharpness.parquet")
+        paths.append(d / "sharpness.parquet")
+    data = load(paths, ("metrics", "spectrum", "sharpness"), {"runs": runs})
+    fig = fig_gap.plot(data, {})
+    panels = fig.axes[:4]
+    ok = [r for r in runs if r != "eta-lr0.06"]  # the diverged run is left out
+    want = {"lambda_max": {r: lam[r] for r in ok},
+            "worst_case": {r: 0.01 * lam[r] ** 2 for r in ok[1:]},
+            "average_case": {r: 1 / lam[r] for r in ok[1:]},
+            "pac_bayes": {r: 1 / (0.1 * (i + 1)) ** 2 for i, r in enumerate(ok) if i}}
+    for ax, expect in zip(panels, want.values(), strict=True):
+        xy = sorted((float(x), float(y)) for c in ax.collections for x, y in c.get_offsets())
+        assert np.allclose(xy, sorted((v, gap[r]) for r, v in expect.items()))
+        tau = kendall(list(expect.values()), [gap[r] for r in expect])
+        assert f"τ = {tau:.2f} ({len(expect)} runs)" in ax.get_title(loc="left")
+        assert math.isfinite(tau)

@@ -143,7 +143,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(13, "non-adaptive sharpness measures rank the generalisation gap only weakly, or inversely", RANK,
           "per measure at the last checkpoint (λ_max, worst-case and average-case sharpness, PAC-Bayes 1/σ′²): "
           "Kendall τ-b with the train − test accuracy gap over the runs, below weak_tau (percentile bootstrap over "
-          "runs)", "grid", ("metrics", "spectrum", "sharpness"), "sharpness_rank"),
+          "runs)", "gap", ("metrics", "spectrum", "sharpness"), "sharpness_rank"),
 )
 
 #: Every table kind a claim reads.

@@ -28,7 +28,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import Data, adaptive, group_by_settings, lambda_max_rows, load, replicate_groups
+from ..results import (
+    END_MEASURES,
+    Data,
+    adaptive,
+    end_of_run,
+    group_by_settings,
+    lambda_max_rows,
+    load,
+    replicate_groups,
+)
 from ..tables._common import Column, Table, mean_std, write
 from ..tables.nsgd import run_summary
 from . import CLAIMS, READS, Claim, ClaimsConfig
@@ -399,43 +408,6 @@ def sam_flatter(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     return _combine(tests, short, "missing")
 
 
-#: Claim 13's measures: (label, how it is read, whether a larger value is sharper).
-_RANK_MEASURES = (("λ_max", "lambda_max"), ("worst-case sharpness", "worst_case"),
-                  ("average-case sharpness", "average_case"), ("PAC-Bayes 1/σ′²", "pac_bayes_sigma"))
-
-
-def _last_measures(data: Data, run: str) -> dict[str, float]:
-    """Claim 13's measures of ``run`` at its last checkpoint (that of the spectrum), NaN where missing."""
-    out = dict.fromkeys((key for _, key in _RANK_MEASURES), math.nan)
-    lam = lambda_max_rows(data.rows("spectrum", run))
-    if len(lam) == 0:
-        return out
-    last = float(lam["step"].max())
-    out["lambda_max"] = float(lam.loc[lam["step"] == last, "eigenvalue"].iloc[0])
-    sh = data.rows("sharpness", run)
-    sh = sh[(sh["step"] == last) & (sh["status"] != "diverged")] if len(sh) else sh
-    for _, key in _RANK_MEASURES[1:]:
-        v = sh.loc[sh["measure"] == key, "value"] if len(sh) else sh
-        if len(v):
-            x = float(v.iloc[0])
-            if key == "pac_bayes_sigma":  # Jiang et al.'s flatness measure: 1/σ′², larger = sharper
-                x = 1.0 / x**2 if x > 0 else math.nan
-            out[key] = x
-    return out
-
-
-def _accuracy_gap(data: Data, run: str, step: float) -> float:
-    """Train − test accuracy at ``step``, in percentage points (NaN where either is missing)."""
-    met = data.rows("metrics", run)
-    if len(met) == 0:
-        return math.nan
-    at = met[met["step"] == step]
-    acc = {split: at.loc[at["split"] == split, "accuracy"] for split in ("train", "test")}
-    if any(len(a) == 0 for a in acc.values()):
-        return math.nan
-    return 100 * (float(acc["train"].iloc[0]) - float(acc["test"].iloc[0]))
-
-
 def sharpness_rank(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcome:
     """Claim 13: for each non-adaptive sharpness measure at the last checkpoint, Kendall τ-b with the train
     − test accuracy gap over the runs (seeds and grid values alike; percentile bootstrap over runs) is
@@ -443,21 +415,16 @@ def sharpness_rank(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcom
     runs' settings) are reported beside it without a verdict; diverged runs are left out."""
     usable = [r for r in runs if data.divergence(r) is None]
     short = [r for r in runs if r not in usable]
-    values: dict[str, dict[str, float]] = {}
-    gaps: dict[str, float] = {}
-    for r in usable:
-        values[r] = _last_measures(data, r)
-        lam = lambda_max_rows(data.rows("spectrum", r))
-        gaps[r] = _accuracy_gap(data, r, float(lam["step"].max())) if len(lam) else math.nan
+    ends = {r: end_of_run(data, r) for r in usable}
     tests: list[_Test] = []
     reported: list[str] = []
-    for label, key in _RANK_MEASURES:
+    for key, label in END_MEASURES:
         flag = {"worst_case": "sharpness_adaptive", "average_case": "sharpness_magnitude_aware"}.get(key)
         plain = [r for r in usable if not (flag and data.value(r, flag))]
         other = [r for r in usable if r not in plain]
         for members, judged in ((plain, True), (other, False)):
-            pairs = [(values[r][key], gaps[r]) for r in members if math.isfinite(values[r][key])
-                     and math.isfinite(gaps[r])]
+            pairs = [(ends[r][key], ends[r]["gap"]) for r in members
+                     if math.isfinite(ends[r][key]) and math.isfinite(ends[r]["gap"])]
             if not members or not pairs:
                 continue
             est = kendall_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], "runs")
@@ -469,7 +436,7 @@ def sharpness_rank(data: Data, runs: Sequence[str], cfg: ClaimsConfig) -> Outcom
             tests.append(_Test(f"{name}: τ {est.text()} (claim: ≤ {cfg.weak_tau:g})", verdict, name, why))
     if not tests:
         return Outcome(NO_DATA, reported, "no run with a finite measure and accuracy gap at its last checkpoint")
-    gap = np.array([g for g in gaps.values() if math.isfinite(g)])
+    gap = np.array([e["gap"] for e in ends.values() if math.isfinite(e["gap"])])
     out = _combine(tests, short, "diverged")
     out.measured = [*out.measured, *reported,
                     f"gap (train − test accuracy, points) {_fmt(gap.min())}–{_fmt(gap.max())} over {len(gap)} runs"]

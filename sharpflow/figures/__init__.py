@@ -39,6 +39,9 @@ Figure kinds (module, tables read):
   Hessian eigenvalue, one panel per run (Zhang et al. 2024).
 - ``sharpness`` (sharpness.py; sharpness, spectrum): worst-case sharpness beside ρ²λ_1/2,
   average-case sharpness and the PAC-Bayes σ′ over training (Foret et al. 2021; Jiang et al. 2019).
+- ``gap`` (gap.py; metrics, spectrum, and sharpness where a run has it): λ_max, worst-case and
+  average-case sharpness and 1/σ′² at each run's last checkpoint against its train − test accuracy
+  gap, Kendall's τ per panel (claim 13; Jiang et al. 2019; Andriushchenko et al. 2023).
 
 Inputs are paths ``…/runs/{run}/{table}.parquet``: the run id is the parent directory's name and
 the table kind the file stem. A figure with nothing to plot says "no data" instead of failing;
@@ -70,6 +73,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "warmup": ("metrics", "spectrum", "precond"),
     "blocks": ("blocks",),
     "sharpness": ("sharpness", "spectrum"),
+    "gap": ("metrics", "spectrum", "sharpness"),
 }
 
 #: The registry: what each kind reads, its module (a Snakemake input, so that editing one module
@@ -81,7 +85,7 @@ REGISTRY = Kinds(
     modules={kind: f"{kind}.py" for kind in KINDS},
     shared=("../results.py", "style.py"),
     captions={kind: f"workflow/report/{kind}.rst" for kind in KINDS},
-    optional={"warmup": frozenset({"precond"}), "eos": frozenset({"selfstab"})},
+    optional={"warmup": frozenset({"precond"}), "eos": frozenset({"selfstab"}), "gap": frozenset({"sharpness"})},
 )
 
 
