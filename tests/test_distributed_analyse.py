@@ -143,6 +143,41 @@ def test_two_ranks_give_the_one_process_spectrum_written_once(trained, tmp_path,
     assert {p: (two / p).read_bytes() for p in before} == before
 
 
+def test_density_and_ggn_over_two_ranks_match_one_process(trained, tmp_path, clean_env, capsys):
+    """The analyses marked distributed: the SLQ density (same probes on every rank, each product summed over
+    the shards) and the Gauss-Newton analysis (G and H − G) of a 2-rank job agree with one process's to
+    1e-5; rank 1 writes nothing; a rerun reuses rank 0's stash for both."""
+    data, checkpoints = trained
+    analyses = {"density": {"config": {"enabled": True, "probes": 3, "steps": 12}, "steps": [5, 10]},
+                "ggn": {"config": {"enabled": True, "k": 3, "tol": 1e-4}, "steps": [10]}}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(_args(data, checkpoints, one, analyses)) == 0
+    capsys.readouterr()
+    spy = tmp_path / "spy"
+    proc = _torchrun(["analyse", "--world-size", "2", *_args(data, checkpoints, two, analyses)[1:]], spy=spy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((spy / "rank1.json").read_text()) == []  # rank 1 computed, and wrote nothing
+    assert _files(two).keys() == _files(one).keys()
+    da, db = (pd.read_parquet(root / "runs" / "r" / "density.parquet") for root in (one, two))
+    assert len(da) == len(db) == 2 * 3 * 12 and list(da["step"]) == list(db["step"])
+    for col in ("node", "weight"):
+        assert (da[col] - db[col]).abs().max() <= 1e-5 * da["node"].abs().max(), col
+    ga, gb = (pd.read_parquet(root / "runs" / "r" / "ggn.parquet") for root in (one, two))
+    assert list(ga["matrix"]) == list(gb["matrix"]) == ["ggn"] * 3 + ["residual"] * 3
+    assert ga["converged"].all() and list(ga["converged"]) == list(gb["converged"])
+    rel = ((ga["eigenvalue"] - gb["eigenvalue"]).abs() / ga["eigenvalue"].abs()).max()
+    assert rel <= 1e-5, (ga["eigenvalue"].tolist(), gb["eigenvalue"].tolist())
+    assert abs(float(ga["overlap"].iloc[0]) - float(gb["overlap"].iloc[0])) <= 1e-5
+
+    before = {p: (two / p).read_bytes() for p in _files(two) if p.endswith(".parquet")}
+    proc = _torchrun(["analyse", "--world-size", "2", *_args(data, checkpoints, two, analyses)[1:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert sum("density reused from the stash" in x for x in lines) == 2
+    assert sum("ggn reused from the stash" in x for x in lines) == 1
+    assert {p: (two / p).read_bytes() for p in before} == before
+
+
 def test_another_analysis_over_several_processes_fails_in_one_line(trained, tmp_path, clean_env, capsys):
     data, checkpoints = trained
     project = {"project": {"config": {"enabled": True}, "steps": [5]}}
@@ -151,7 +186,8 @@ def test_another_analysis_over_several_processes_fails_in_one_line(trained, tmp_
     assert cli.main(["analyse", "--world-size", "2", *_args(data, checkpoints, tmp_path / "res", project)[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("sharpflow analyse: error: analysis 'project' does not run over several processes yet: run it "
-                   "with resources.spectrum.world_size 1 (this job has 2; only the spectrum runs over several)")
+                   "with resources.spectrum.world_size 1 (this job has 2; only the spectrum, density and ggn run "
+                   "over several)")
     assert not (tmp_path / "res").exists()
 
 

@@ -41,4 +41,11 @@ REGISTRY: dict[str, Analysis] = {
 #: every table kind an analysis writes -> the analysis that writes it.
 TABLE_OWNERS: dict[str, str] = {kind: a.name for a in REGISTRY.values() for kind in a.tables}
 
-__all__ = ["REGISTRY", "TABLE_OWNERS", "Analysis", "every_checkpoint", "strided"]
+
+def distributed_names() -> str:
+    """"the spectrum, density and ggn": what an analysis job of several processes computes (the spectrum
+    and the analyses marked ``distributed``)."""
+    names = ["the spectrum", *(name for name, a in REGISTRY.items() if a.distributed)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+__all__ = ["REGISTRY", "TABLE_OWNERS", "Analysis", "distributed_names", "every_checkpoint", "strided"]

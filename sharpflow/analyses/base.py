@@ -38,6 +38,10 @@ class Analysis:
     #: it reads the eigenvectors of the checkpoint before (``CheckpointContext.previous_eigvecs``),
     #: so its results also depend on them (part of its stash key).
     previous: bool = False
+    #: it also runs inside an analysis job of several processes (``resources.spectrum.world_size`` > 1): its
+    #: operators come from :meth:`CheckpointContext.hessian` (or the distributed constructors), so every rank
+    #: computes the same result in lockstep on its shard of the Hessian subset; rank 0 writes it.
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if not self.tables:

@@ -16,6 +16,7 @@ from ..config import RunConfig
 from ..data import Dataset, TrainView, hessian_batches, train_view
 from ..errors import SharpflowError
 from ..hessian import HessianOperator
+from ..hessian.distributed import distributed_hessian, group_rank_world
 from ..io import load_torch
 from ..models import loss_for
 
@@ -74,9 +75,13 @@ class CheckpointContext:
 
     def hessian(self, model: nn.Module, n: int | None = None, *, weight_decay: float | None = None) -> Any:
         """The Hessian operator of the run's loss at ``model`` over the first ``n`` examples of the
-        Hessian subset (None: all of it), with the run's weight decay (or ``weight_decay``)."""
+        Hessian subset (None: all of it), with the run's weight decay (or ``weight_decay``). Inside a
+        process group of several ranks, this rank's shard of it, its products summed over the ranks
+        (:func:`~sharpflow.hessian.distributed.distributed_hessian`): the same operator on every rank."""
         n = n or len(self.data.hessian_idx)
         wd = self.run.optimizer.weight_decay if weight_decay is None else weight_decay
+        if group_rank_world()[1] > 1:  # inside an analysis job of several processes: this rank's shard
+            return distributed_hessian(model, self.loss_fn, hessian_batches(self.data, n), weight_decay=wd)
         return HessianOperator(model, self.loss_fn, hessian_batches(self.data, n), weight_decay=wd)
 
     @property

@@ -79,4 +79,5 @@ ANALYSIS = Analysis(
     select=strided,
     format_version=1,
     summary="spectral density by stochastic Lanczos quadrature (off by default)",
+    distributed=True,
 )

@@ -58,6 +58,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
 
     from ..data import hessian_batches
     from ..hessian import HessianOperator, top_eigenpairs
+    from ..hessian.distributed import distributed_ggn, group_rank_world
     from ..hessian.ggn import GGNOperator
     from .context import add_ident, finite
 
@@ -73,7 +74,9 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
         return {"ggn": df}
     batches = hessian_batches(ctx.data, n)
     wd = ctx.run.optimizer.weight_decay
-    g = GGNOperator(model, batches, weight_decay=wd, loss=ctx.run.loss)
+    several = group_rank_world()[1] > 1  # inside an analysis job of several processes: this rank's shard
+    g = (distributed_ggn(model, batches, weight_decay=wd, loss=ctx.run.loss) if several
+         else GGNOperator(model, batches, weight_decay=wd, loss=ctx.run.loss))
     rows: list[dict[str, Any]] = []
 
     def solve(op: Any, name: str, which: str) -> Any:
@@ -94,7 +97,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
         vg = res_g.eigenvectors[:kk].to(device=vh.device, dtype=torch.float64)
         overlap = float((vh @ vg.T).square().sum()) / kk
     if cfg.residual:
-        h = HessianOperator(model, loss_fn, batches, weight_decay=wd)
+        h = ctx.hessian(model, n) if several else HessianOperator(model, loss_fn, batches, weight_decay=wd)
         solve(h - g, "residual", "LM")  # both carry weight decay: H − G = R
     df = pd.DataFrame(rows)
     df["overlap"] = overlap
@@ -113,4 +116,5 @@ ANALYSIS = Analysis(
     select=strided,
     format_version=1,
     summary="the Gauss-Newton matrix: its top-k, the residual H − G, the overlap with H's top-k (off by default)",
+    distributed=True,
 )

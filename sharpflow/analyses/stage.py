@@ -37,7 +37,7 @@ from ..errors import SharpflowError
 from ..hessian.distributed import RankFailure, group_rank_world
 from ..io import load_torch, publish, save_torch, sha256_file, write_parquet, write_text
 from ..results import aggregate as concat
-from . import REGISTRY
+from . import REGISTRY, distributed_names
 from . import spectrum as spectrum_mod
 from .base import Analysis
 from .context import EIGVEC_KEYS, CheckpointContext, open_checkpoint
@@ -247,14 +247,15 @@ def _from_rank0(obj: Any, world: int) -> Any:
 
 
 def refuse_distributed_analyses(analyses: Sequence[Planned], world: int) -> None:
-    """Over several processes only the spectrum runs: one line naming any other analysis planned."""
-    names = [p.analysis.name for p in analyses if p.steps]
+    """Over several processes only the spectrum and the analyses marked ``distributed`` run: one line
+    naming any other analysis planned."""
+    names = [p.analysis.name for p in analyses if p.steps and not p.analysis.distributed]
     if world > 1 and names:
         what, it = ((f"analysis '{names[0]}' does", "it") if len(names) == 1
                     else (f"analyses {', '.join(map(repr, names))} do", "them"))
         raise SharpflowError(f"{what} not run over several processes yet: run {it} with "
-                             f"resources.spectrum.world_size 1 (this job has {world}; only the spectrum runs over "
-                             "several)")
+                             f"resources.spectrum.world_size 1 (this job has {world}; only {distributed_names()} "
+                             "run over several)")
 
 
 def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum_key: str, ck_sha: str,
@@ -265,16 +266,21 @@ def _run_analysis(ctx: CheckpointContext, plan: Planned, stash: _Stash, spectrum
     parts: tuple[Any, ...] = (a.name, dump_json(plan.config), a.format_version, ck_sha, spectrum_key)
     key = _key(*parts, before_key) if a.previous else _key(*parts)
     files = stash.files(a.name, a.tables, step)
-    if not stash.valid(a.name, step, key, list(files.values())):
+    rank, world = group_rank_world()
+    # several ranks (a distributed analysis): rank 0 alone reads the stash and decides; all compute in lockstep
+    reuse = _from_rank0(rank == 0 and stash.valid(a.name, step, key, list(files.values())), world)
+    if not reuse:
         tables = compute_tables(a, ctx, plan.config)
-        for kind, df in tables.items():
-            write_parquet(files[kind], df)
-        stash.seal(a.name, step, key, list(files.values()))
+        if rank == 0:
+            for kind, df in tables.items():
+                write_parquet(files[kind], df)
+            stash.seal(a.name, step, key, list(files.values()))
     else:
         ctx.log(f"[{ctx.run_name}] step {step}: {a.name} reused from the stash")
     published = analysis_paths(results, ctx.run_name, a, step)
-    for kind, dst in published.items():
-        publish(files[kind], dst, touch=True)
+    if rank == 0:
+        for kind, dst in published.items():
+            publish(files[kind], dst, touch=True)
     return published
 
 

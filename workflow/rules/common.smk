@@ -9,7 +9,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS
+from sharpflow.analyses import REGISTRY as ANALYSES, TABLE_OWNERS, distributed_names
 from sharpflow.claims import code_files as claims_code_files
 from sharpflow.config import BEST_NAME, checkpoint_steps, dump_json, study_of
 from sharpflow.errors import ConfigError
@@ -113,11 +113,11 @@ def _check_analysis_world():
         raise WorkflowError(f"invalid sharpflow config: resources.spectrum.world_size {n} with "
                             f"resources.runs_per_job {RES.runs_per_job}: a grouped analysis job runs as one "
                             "process; set runs_per_job 1 to analyse over several processes")
-    planned = sorted({name for run in ANALYSED for name in PLAN[run]})
+    planned = sorted({name for run in ANALYSED for name in PLAN[run] if not ANALYSES[name].distributed})
     if planned:
         raise WorkflowError(f"invalid sharpflow config: analysis '{planned[0]}' does not run over several "
                             "processes yet: run it with resources.spectrum.world_size 1 (or switch it off: "
-                            f"resources.spectrum.world_size {n} computes the spectrum only)")
+                            f"resources.spectrum.world_size {n} computes {distributed_names()} only)")
 
 
 _check_analysis_world()
