@@ -21,6 +21,9 @@ from ..claims.intervals import kendall
 from ..results import END_MEASURES, Data, end_of_run
 from . import style
 
+#: panel titles in mathtext where the measure's label has symbols
+TITLES = {"lambda_max": "$\\lambda_{\\max}$", "pac_bayes": "PAC-Bayes $1/\\sigma'^2$"}
+
 
 def points(data: Data) -> dict[str, dict[str, float]]:
     """Each usable run's end-of-training measures and gap (:func:`~sharpflow.results.end_of_run`)."""
@@ -37,7 +40,8 @@ def plot(data: Data, opts: dict[str, Any]) -> Figure:
     colours = style.palette("study", studies)
     fig = style.new_figure(float(opts.get("width", style.DOUBLE)), 2.4)
     axes = fig.subplots(1, len(END_MEASURES), sharey=True, squeeze=False).ravel()
-    for ax, (key, label) in zip(axes, END_MEASURES, strict=True):
+    for ax, (key, measure) in zip(axes, END_MEASURES, strict=True):
+        label = TITLES.get(key, measure)
         xs, ys = [], []
         for study in studies:
             members = [r for r in ends if data.study(r) == study and math.isfinite(ends[r][key])]
