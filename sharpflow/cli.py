@@ -465,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--world-size", type=int, default=None, metavar="N",
                     help="the processes torchrun or srun started this job as (resources.spectrum.world_size); "
                     "refused if it differs. Default: as launched (torchrun's WORLD_SIZE, else 1). Over several, "
-                    "only the spectrum, density and ggn run, each rank on its shard of the Hessian subset; "
-                    "rank 0 writes")
+                    "only the spectrum, density, ggn and batch_sharpness run, each rank on its share of the "
+                    "work; rank 0 writes")
     sp.add_argument("checkpoints", nargs="+", type=Path, help="the chain's checkpoint files, in step order")
     sp.set_defaults(func=cmd_analyse)
 

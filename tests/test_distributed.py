@@ -35,10 +35,12 @@ from sharpflow.hessian.distributed import (
     RankFailure,
     distributed_ggn,
     distributed_hessian,
+    gather_work,
     init_distributed,
     same_on_all_ranks,
     shard,
     shard_batches,
+    split_work,
 )
 from sharpflow.params import flat_params, trainable, unflatten
 
@@ -118,6 +120,8 @@ def _main(rank: int, world: int) -> dict[str, Any]:
     out["rv"] = DistributedOperator(local, local_count=len(shard(N, rank, world))).matvec(_block(h.dim))
     model32, batches32 = _problem(torch.float32)
     out["hv32"] = distributed_hessian(model32, F.cross_entropy, batches32, weight_decay=WD).matvec(_block(h.dim))
+    out["mine"] = list(split_work(7))  # independent work items shared out, then gathered in item order
+    out["gathered"] = gather_work([f"item{i}" for i in out["mine"]], 7)
     out["seed_error"] = None
     if world > 1:  # a rank with its own seed: every rank must fail at the first product, none hang
         try:
@@ -345,6 +349,18 @@ def test_a_local_operator_with_its_own_weight_decay_is_refused():
 # ------------------------------------------------------------------------------------------------
 # 1, 2 and 3 ranks against one process and against dense matrices
 # ------------------------------------------------------------------------------------------------
+
+
+def test_work_items_are_shared_out_once_and_gathered_in_order(ranks):
+    """split_work gives rank r the items r, r + world, …: every item exactly once over the ranks; gather_work
+    returns all the results in item order on every rank (the ranks' shares are interleaved, so an order bug
+    shows)."""
+    world = len(ranks)
+    mine = [r["mine"] for r in ranks]
+    assert sorted(i for m in mine for i in m) == list(range(7))
+    assert mine[0] == list(range(0, 7, world))
+    for r in ranks:
+        assert r["gathered"] == [f"item{i}" for i in range(7)]
 
 
 def test_every_rank_holds_its_shard_and_ends_with_the_same_bits(ranks):

@@ -143,13 +143,15 @@ def test_two_ranks_give_the_one_process_spectrum_written_once(trained, tmp_path,
     assert {p: (two / p).read_bytes() for p in before} == before
 
 
-def test_density_and_ggn_over_two_ranks_match_one_process(trained, tmp_path, clean_env, capsys):
+def test_density_ggn_and_batch_sharpness_over_two_ranks_match_one_process(trained, tmp_path, clean_env, capsys):
     """The analyses marked distributed: the SLQ density (same probes on every rank, each product summed over
-    the shards) and the Gauss-Newton analysis (G and H − G) of a 2-rank job agree with one process's to
-    1e-5; rank 1 writes nothing; a rerun reuses rank 0's stash for both."""
+    the shards), the Gauss-Newton analysis (G and H − G) and batch sharpness (the batches shared out and
+    gathered) of a 2-rank job agree with one process's; rank 1 writes nothing; a rerun reuses rank 0's
+    stash for all three."""
     data, checkpoints = trained
     analyses = {"density": {"config": {"enabled": True, "probes": 3, "steps": 12}, "steps": [5, 10]},
-                "ggn": {"config": {"enabled": True, "k": 3, "tol": 1e-4}, "steps": [10]}}
+                "ggn": {"config": {"enabled": True, "k": 3, "tol": 1e-4}, "steps": [10]},
+                "batch_sharpness": {"config": {"enabled": True, "batches": 5}, "steps": [0, 10]}}
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(_args(data, checkpoints, one, analyses)) == 0
     capsys.readouterr()
@@ -168,6 +170,10 @@ def test_density_and_ggn_over_two_ranks_match_one_process(trained, tmp_path, cle
     rel = ((ga["eigenvalue"] - gb["eigenvalue"]).abs() / ga["eigenvalue"].abs()).max()
     assert rel <= 1e-5, (ga["eigenvalue"].tolist(), gb["eigenvalue"].tolist())
     assert abs(float(ga["overlap"].iloc[0]) - float(gb["overlap"].iloc[0])) <= 1e-5
+    ba, bb = (pd.read_parquet(root / "runs" / "r" / "batch_sharpness.parquet") for root in (one, two))
+    assert list(ba["batches"]) == list(bb["batches"]) == [5, 5]  # 3 batches on rank 0, 2 on rank 1, all gathered
+    for col in ("batch_sharpness", "batch_sharpness_se", "batch_sharpness_median"):
+        assert ((ba[col] - bb[col]).abs() <= 1e-6 * ba[col].abs()).all(), (col, ba[col].tolist(), bb[col].tolist())
 
     before = {p: (two / p).read_bytes() for p in _files(two) if p.endswith(".parquet")}
     proc = _torchrun(["analyse", "--world-size", "2", *_args(data, checkpoints, two, analyses)[1:]])
@@ -175,7 +181,16 @@ def test_density_and_ggn_over_two_ranks_match_one_process(trained, tmp_path, cle
     lines = proc.stderr.splitlines()
     assert sum("density reused from the stash" in x for x in lines) == 2
     assert sum("ggn reused from the stash" in x for x in lines) == 1
+    assert sum("batch_sharpness reused from the stash" in x for x in lines) == 2
     assert {p: (two / p).read_bytes() for p in before} == before
+
+
+def test_split_and_gather_work_without_a_process_group():
+    """One process: every item is its own, and gathering gives its results back in order."""
+    from sharpflow.hessian import gather_work, split_work
+
+    assert list(split_work(5)) == [0, 1, 2, 3, 4]
+    assert gather_work(["a", "b"], 2) == ["a", "b"]
 
 
 def test_another_analysis_over_several_processes_fails_in_one_line(trained, tmp_path, clean_env, capsys):
@@ -186,8 +201,8 @@ def test_another_analysis_over_several_processes_fails_in_one_line(trained, tmp_
     assert cli.main(["analyse", "--world-size", "2", *_args(data, checkpoints, tmp_path / "res", project)[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("sharpflow analyse: error: analysis 'project' does not run over several processes yet: run it "
-                   "with resources.spectrum.world_size 1 (this job has 2; only the spectrum, density and ggn run "
-                   "over several)")
+                   "with resources.spectrum.world_size 1 (this job has 2; only the spectrum, density, ggn and "
+                   "batch_sharpness run over several)")
     assert not (tmp_path / "res").exists()
 
 

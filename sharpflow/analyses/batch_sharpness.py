@@ -17,7 +17,8 @@ mean over ``batches`` batches), ``batch_sharpness_se`` (their standard error; Na
 ``ratio`` (η·BS/2), ``lambda1`` (the checkpoint's spectrum: top eigenvalue of the Hessian subset's
 H) and ``lambda1_ratio`` (η·λ_1/2), plus run, step, epoch, status. The batches are drawn without
 replacement within each batch, seeded by the checkpoint's step; the model is in eval mode, as for
-the spectrum.
+the spectrum. In an analysis job of several processes every rank draws the same batches and computes
+every world-th of them; the values are gathered in order, so the table is the one process's.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
     import pandas as pd
     import torch
 
+    from ..hessian.distributed import gather_work, split_work
     from ..train import mix_seed
     from .context import add_ident, finite
 
@@ -87,7 +89,10 @@ def compute(ctx: CheckpointContext, cfg: BatchSharpnessConfig) -> dict[str, pd.D
     if status != "diverged" and finite(model):
         model.eval()
         batches = view.random_batches(nb, torch.Generator().manual_seed(mix_seed(ctx.step, 7)))
-        values = batch_sharpness(model, ctx.loss_fn, batches, ctx.run.optimizer.weight_decay)
+        # several ranks: the same batches drawn on each, every rank computes its share, all gather them in order
+        mine = [batches[i] for i in split_work(len(batches))]
+        values = gather_work(batch_sharpness(model, ctx.loss_fn, mine, ctx.run.optimizer.weight_decay), len(batches),
+                             what="the gather of the batch sharpness values")
     else:
         status = "diverged"
     arr = np.asarray(values, dtype=float)
@@ -115,4 +120,5 @@ ANALYSIS = Analysis(
     select=strided,
     format_version=1,
     summary="batch sharpness E_B[g_Bᵀ H_B g_B/‖g_B‖²] at the run's batch size, against 2/η (off by default)",
+    distributed=True,
 )

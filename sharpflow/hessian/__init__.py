@@ -33,7 +33,8 @@ Modules and what each exports:
   :class:`DistributedOperator` (each rank's shard sums, one all-reduce per block product, weight
   decay once), :func:`distributed_hessian` and :func:`distributed_ggn` (shard and wrap),
   :func:`shard` and :func:`shard_batches` (the deterministic shards), :func:`init_distributed` (a
-  :class:`DistInfo`), :func:`group_rank_world`, :func:`same_on_all_ranks`, and the one-line errors
+  :class:`DistInfo`), :func:`group_rank_world`, :func:`same_on_all_ranks`, :func:`split_work` and
+  :func:`gather_work` (independent items shared out over the ranks), and the one-line errors
   :class:`RankFailure` and :class:`LockstepError`.
 """
 
@@ -48,11 +49,13 @@ from .distributed import (
     RankFailure,
     distributed_ggn,
     distributed_hessian,
+    gather_work,
     group_rank_world,
     init_distributed,
     same_on_all_ranks,
     shard,
     shard_batches,
+    split_work,
 )
 from .estimators import FrobeniusEstimate, TraceEstimate, frobenius_interval, frobenius_norm, trace
 from .ggn import GGNOperator
@@ -80,12 +83,14 @@ __all__ = [
     "distributed_hessian",
     "frobenius_interval",
     "frobenius_norm",
+    "gather_work",
     "group_rank_world",
     "init_distributed",
     "same_on_all_ranks",
     "shard",
     "shard_batches",
     "spectral_density",
+    "split_work",
     "top_eigenpairs",
     "trace",
     "w1_bound",

@@ -423,6 +423,35 @@ def _my_batches(batches: Sequence[tuple[Tensor, Tensor]], group: Any) -> list[tu
     return shard_batches(batches, rank, world)
 
 
+def split_work(n: int, group: Any = None) -> range:
+    """The indices of ``n`` independent work items this rank computes: ``rank, rank + world, …`` (every
+    item once over the ranks; all of them without a process group)."""
+    rank, world = group_rank_world(group)
+    return range(rank, n, world)
+
+
+def gather_work(mine: Sequence[Any], n: int, group: Any = None, what: str = "the gather of results") -> list[Any]:
+    """The results of all ``n`` items in item order on every rank, from each rank's results ``mine`` for
+    its :func:`split_work` items (in that order). Without a process group: ``mine``. A dead or silent
+    rank gives one :class:`RankFailure` line."""
+    rank, world = group_rank_world(group)
+    if world == 1:
+        return list(mine)
+    box: list[Any] = [None] * world
+    try:
+        dist.all_gather_object(box, list(mine), group=group)
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+        raise RankFailure(f"rank {rank} of {world}: {what} failed: another rank died or did not answer within "
+                          f"the process group's timeout ({type(err).__name__}: {first})") from err
+    out: list[Any] = [None] * n
+    for r, part in enumerate(box):
+        for i, value in zip(range(r, n, world), part, strict=True):
+            out[i] = value
+    return out
+
+
 __all__ = [
     "LOCKSTEP_RTOL",
     "DistInfo",
@@ -431,9 +460,11 @@ __all__ = [
     "RankFailure",
     "distributed_ggn",
     "distributed_hessian",
+    "gather_work",
     "group_rank_world",
     "init_distributed",
     "same_on_all_ranks",
     "shard",
     "shard_batches",
+    "split_work",
 ]

@@ -8,8 +8,9 @@
 #
 # resources.spectrum.world_size N > 1: each analysis job is N processes under resources.spectrum.launcher
 # (torchrun --standalone, or srun for one SLURM task per rank), asking for N times the threads, GPUs and
-# memory (analyse_launch in common.smk); only the spectrum, density and ggn run, with runs_per_job 1
-# (checked when the workflow is read). N 1 keeps exactly the command and resources it always had.
+# memory (analyse_launch in common.smk); only the spectrum, density, ggn and batch_sharpness run, with
+# runs_per_job 1 (checked when the workflow is read). N 1 keeps exactly the command and resources it
+# always had.
 #
 # These rules are generated per run (analyse_<run>, analyse_<run>_j<i>, aggregate_<run>) and per group
 # (analyse_<study>__group<i>): a job's outputs are its runs' aggregated tables, one per table kind its runs
