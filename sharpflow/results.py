@@ -202,6 +202,7 @@ def end_of_run(data: Data, run: str) -> dict[str, float]:
             out["gap"] = 100 * (float(acc[0].iloc[0]) - float(acc[1].iloc[0]))
     return out
 
+
 def steps_per_epoch(df: pd.DataFrame) -> float:
     """Steps per epoch from a table's (step, epoch) pairs (NaN if it cannot be told)."""
     if len(df) == 0 or "epoch" not in df:

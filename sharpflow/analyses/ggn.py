@@ -57,13 +57,12 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
     import torch
 
     from ..data import hessian_batches
-    from ..hessian import HessianOperator, top_eigenpairs
+    from ..hessian import top_eigenpairs
     from ..hessian.distributed import distributed_ggn, group_rank_world
     from ..hessian.ggn import GGNOperator
     from .context import add_ident, finite
 
     model = ctx.model()
-    loss_fn = ctx.loss_fn
     n = cfg.n or len(ctx.data.hessian_idx)
     ident = ctx.ident
     if ctx.status == "diverged" or not finite(model):
@@ -97,7 +96,7 @@ def compute(ctx: CheckpointContext, cfg: GGNConfig) -> dict[str, pd.DataFrame]:
         vg = res_g.eigenvectors[:kk].to(device=vh.device, dtype=torch.float64)
         overlap = float((vh @ vg.T).square().sum()) / kk
     if cfg.residual:
-        h = ctx.hessian(model, n) if several else HessianOperator(model, loss_fn, batches, weight_decay=wd)
+        h = ctx.hessian(model, n)  # this rank's shard inside a process group of several, as g
         solve(h - g, "residual", "LM")  # both carry weight decay: H − G = R
     df = pd.DataFrame(rows)
     df["overlap"] = overlap

@@ -239,10 +239,7 @@ def _from_rank0(obj: Any, world: int) -> Any:
     try:
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as err:
-        first = (str(err).strip().splitlines() or [""])[0][:160]
-        raise RankFailure(f"rank {dist.get_rank()} of {world}: the broadcast of rank 0's stash decision failed: "
-                          "another rank died or did not answer within the process group's timeout "
-                          f"({type(err).__name__}: {first})") from err
+        raise RankFailure.of(err, dist.get_rank(), world, "the broadcast of rank 0's stash decision") from err
     return box[0]
 
 

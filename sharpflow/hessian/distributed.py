@@ -64,6 +64,15 @@ class RankFailure(SharpflowError):
     """A collective failed on this rank: another rank died or did not answer within the timeout.
     The message is one line naming this rank."""
 
+    @classmethod
+    def of(cls, err: Exception, rank: int, world: int, what: str) -> RankFailure:
+        """The one line for collective ``what`` that failed on ``rank`` with ``err`` (its first sentence,
+        without the backend's "[file.cc:561]" prefix)."""
+        first = (str(err).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+        return cls(f"rank {rank} of {world}: {what} failed: another rank died or did not answer within the "
+                   f"process group's timeout ({type(err).__name__}: {first})")
+
 
 class LockstepError(RankFailure):
     """The ranks asked for different products (different seeds, warm starts or numbers of products)."""
@@ -182,10 +191,7 @@ def _all_reduce(buf: Tensor, op: Any, group: Any, rank: int, world: int, what: s
     try:
         dist.all_reduce(buf, op=op, group=group)
     except RuntimeError as err:  # DistBackendError, DistNetworkError, gloo's timeouts and closed pairs
-        first = (str(err).strip().splitlines() or [""])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no "[file.cc:561]", one sentence
-        raise RankFailure(f"rank {rank} of {world}: {what} failed: another rank died or did not answer within "
-                          f"the process group's timeout ({type(err).__name__}: {first})") from err
+        raise RankFailure.of(err, rank, world, what) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,10 +447,7 @@ def gather_work(mine: Sequence[Any], n: int, group: Any = None, what: str = "the
     try:
         dist.all_gather_object(box, list(mine), group=group)
     except RuntimeError as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
-        raise RankFailure(f"rank {rank} of {world}: {what} failed: another rank died or did not answer within "
-                          f"the process group's timeout ({type(err).__name__}: {first})") from err
+        raise RankFailure.of(err, rank, world, what) from err
     out: list[Any] = [None] * n
     for r, part in enumerate(box):
         for i, value in zip(range(r, n, world), part, strict=True):
